@@ -1,0 +1,296 @@
+"""Rule-based reward (PAPER.md §2): extraction, equivalence, format, Eq. 3 / Eq. 6 and guards."""
+
+import time
+
+import pytest
+
+from octopus import SC
+from reward import (
+    MAX_ANSWER_CHARS,
+    Score,
+    extract_boxed,
+    format_reward,
+    grader_stats,
+    is_equivalent,
+    score,
+    score_batch,
+)
+
+GOOD_W = "<think>try</think>\n\\boxed{3}"  # well-formed, wrong against truth "4"
+GOOD_C = "<think>again</think>\n\\boxed{4}"  # well-formed, correct
+
+
+def sc(o1: str, o2: str) -> str:
+    return o1 + SC + o2
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("\\boxed{42}", "42"),
+        ("a \\boxed{1} b \\boxed{2} c", "2"),  # the LAST box
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+        ("\\boxed{{a}{b{c}}}", "{a}{b{c}}"),
+        ("\\boxed{}", ""),  # an empty box is found, and is empty
+        ("no box here", None),
+        ("\\boxed{1} then \\boxed{2", None),  # last box unclosed: no answer, no fallback
+        ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces are literal
+        ("\\boxed {7}", "7"),
+        ("\\fbox{8}", "8"),
+        ("}}}\\boxed{5}{{{", "5"),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_extract_boxed_deeply_nested_and_huge_is_fast():
+    deep = "\\boxed{" + "{" * 5000 + "x" + "}" * 5000 + "}"
+    t = time.monotonic()
+    assert extract_boxed(deep) == "{" * 5000 + "x" + "}" * 5000
+    assert extract_boxed("\\boxed{" + "{" * 100_000) is None  # unbalanced
+    assert time.monotonic() - t < 1.0
+
+
+# --------------------------------------------------------------------------- format
+
+
+@pytest.mark.parametrize(
+    "part, expected",
+    [
+        ("<think>r</think>\\boxed{1}", 1.0),
+        ("<think>\nr\n</think>\n\nThe answer is \\boxed{1}.", 1.0),
+        ("< think >r</ think >\\boxed{1}", 1.0),  # whitespace around < > / is removed first
+        ("<think>r</think>", 0.0),  # no box
+        ("\\boxed{1}<think>r</think>", 0.0),  # box before the thinking only
+        ("<think>r</think><think>s</think>\\boxed{1}", 0.0),  # two thinks
+        ("r</think>\\boxed{1}", 0.0),
+        ("<think>r\\boxed{1}", 0.0),
+        ("<think>r</think>\\boxed{1", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_format_reward(part, expected):
+    assert format_reward(part) == expected
+
+
+# --------------------------------------------------------------------------- Eq. 3 / Eq. 6
+
+
+@pytest.mark.parametrize(
+    "o1, o2, r_prime, acc1, acc2",
+    [
+        (GOOD_W, GOOD_C, 1.0, 0.0, 1.0),  # wrong -> correct
+        ("<think>x</think>\\boxed{4}", GOOD_C, 0.75, 1.0, 1.0),  # correct -> correct
+        (GOOD_W, "<think>b</think>\\boxed{5}", 0.0, 0.0, 0.0),  # wrong -> wrong
+        (GOOD_C, GOOD_W, -0.25, 1.0, 0.0),  # correct -> wrong
+    ],
+)
+def test_eq3_eq6_every_transition(o1, o2, r_prime, acc1, acc2):
+    s = score(sc(o1, o2), "4")
+    assert s == Score(0.9 * r_prime + 0.1 * 1.0, 1.0, acc1, acc2, acc2, True)
+
+
+def test_guard_identical_o1_o2_caps_at_half():
+    # c->c would be 0.75; identical parts cap r' at 0.5.
+    s = score(sc(GOOD_C, GOOD_C), "4")
+    assert s.reward == pytest.approx(0.9 * 0.5 + 0.1)
+    # The guard compares stripped text: trailing whitespace does not evade it.
+    assert score(sc(GOOD_C + "  \n", GOOD_C), "4").reward == pytest.approx(0.55)
+
+
+def test_guard_o1_without_box_or_empty_box_caps_at_zero():
+    # w->c would be 1.0. No box: r' capped at 0, and fmt(o1) = 0. An empty box is
+    # well-formed (fmt 1) but still caps r' at 0.
+    cases = [
+        ("<think>no answer</think>", 0.0),
+        ("<think>x</think>\\boxed{}", 0.1),
+        ("<think>x</think>\\boxed{  }", 0.1),
+    ]
+    for o1, expected in cases:
+        s = score(sc(o1, GOOD_C), "4")
+        assert s.acc_o1 == 0.0 and s.acc_o2 == 1.0
+        assert s.reward == pytest.approx(expected)
+
+
+def test_guard_malformed_o2_caps_at_half():
+    s = score(sc(GOOD_W, "the answer is \\boxed{4}"), "4")  # w->c but o2 has no <think>
+    assert (s.acc_o2, s.format) == (1.0, 0.0)
+    assert s.reward == pytest.approx(0.9 * 0.5)
+
+
+def test_no_correction_reward_is_centred():
+    assert score(GOOD_C, "4").reward == pytest.approx(0.9 * 0.5 + 0.1)
+    assert score(GOOD_W, "4").reward == pytest.approx(-0.9 * 0.5 + 0.1)
+    s = score("garbage", "4")
+    assert s == Score(pytest.approx(-0.45), 0.0, 0.0, None, 0.0, False)
+
+
+def test_baseline_reward_on_final_part():
+    assert score(GOOD_C, "4", kind="baseline").reward == pytest.approx(1.0)
+    assert score(GOOD_W, "4", kind="baseline").reward == pytest.approx(0.1)
+    assert score("\\boxed{4}", "4", kind="baseline").reward == pytest.approx(0.9)
+    s = score(sc(GOOD_W, GOOD_C), "4", kind="baseline")  # the final answer is o2's
+    assert (s.reward, s.acc_o1, s.acc_final) == (pytest.approx(1.0), 0.0, 1.0)
+
+
+def test_two_corrections_in_one_response():
+    text = sc(sc(GOOD_W, "<think>b</think>\\boxed{5}"), GOOD_C)
+    s = score(text, "4")
+    # o2 holds a second round: its final box is right but it is malformed (two thinks).
+    assert (s.acc_o1, s.acc_o2, s.format, s.has_correction) == (0.0, 1.0, 0.0, True)
+    assert s.reward == pytest.approx(0.9 * 0.5)
+
+
+def test_spaced_tags_are_a_correction():
+    text = GOOD_W + "\n< self-correction >\n</ self-correction >\n" + GOOD_C
+    s = score(text, "4")
+    assert s.has_correction and s.reward == pytest.approx(1.0)
+
+
+def test_answer_is_read_after_think():
+    # a box inside the thinking does not count when </think> is present
+    assert score("<think>\\boxed{4}</think> so \\boxed{3}", "4").acc_o1 == 0.0
+    assert score("<think>maybe 3</think> \\boxed{4}", "4").acc_o1 == 1.0
+
+
+def test_score_batch_matches_score_and_checks_lengths():
+    responses = [sc(GOOD_W, GOOD_C), GOOD_C, "nothing", sc(GOOD_C, GOOD_W), "\\boxed{\\sqrt{16}}"]
+    truths = ["4"] * 5
+    assert score_batch(responses, truths, workers=2) == [score(r, "4") for r in responses]
+    with pytest.raises(ValueError, match="2 responses but 1"):
+        score_batch(["a", "b"], ["1"])
+    with pytest.raises(ValueError, match="reward kind"):
+        score(GOOD_C, "4", kind="grpo")
+
+
+# --------------------------------------------------------------------------- equivalence
+
+# fmt: off
+EQUIVALENT = [
+    # integers and signs
+    ("4", "4"), ("+4", "4"), ("-3", "-3"), ("007", "7"), (" 12 ", "12"), ("12.", "12"),
+    ("1000", "1000"), ("0", "0"), ("-0", "0"),
+    # decimals
+    ("0.5", "0.5"), ("0.50", "0.5"), (".5", "0.5"), ("3.0", "3"), ("2.25", "2.25"),
+    ("1e3", "1000"), ("2.5e-1", "0.25"), ("1.5 \\times 10^{3}", "1500"),
+    # fractions
+    ("\\frac{1}{2}", "0.5"), ("1/2", "\\frac{1}{2}"), ("\\dfrac{3}{4}", "0.75"),
+    ("\\tfrac{3}{4}", "3/4"), ("-\\frac{1}{3}", "-1/3"), ("\\frac12", "0.5"), ("2/4", "1/2"),
+    ("\\frac{6}{3}", "2"), ("\\frac{-2}{4}", "-0.5"),
+    # percents
+    ("50\\%", "50"), ("50%", "0.5"), ("12.5%", "12.5"), ("100\\%", "1"),
+    # units and degrees
+    ("12 cm", "12"), ("12\\text{ cm}", "12"), ("12 \\mathrm{cm}^2", "12"), ("30^\\circ", "30"),
+    ("30^{\\circ}", "30"), ("30°", "30"), ("45 degrees", "45"), ("5 units", "5"), ("3 m", "3"),
+    ("7 \\text{ sq units}", "7"), ("8 hours", "8"), ("\\$5", "5"), ("5 dollars", "5"),
+    # thousands separators
+    ("1,000", "1000"), ("12,345", "12345"), ("1{,}000", "1000"), ("1,234.5", "1234.5"),
+    # LaTeX decoration
+    ("$4$", "4"), ("\\text{4}", "4"), ("\\left(3\\right)", "(3)"), ("\\displaystyle 4", "4"),
+    ("\\mathbf{7}", "7"), ("{5}", "5"),
+    # multiple choice
+    ("B", "B"), ("(B)", "B"), ("B. 12", "B"), ("B: twelve", "B"), ("(C) 7", "C"), ("A", "(A)"),
+    ("\\text{B}", "B"), ("D.", "D"),
+    # yes / no and short words
+    ("Yes", "yes"), ("no", "No"), ("yes.", "Yes"), ("True", "yes"), ("triangle", "Triangle"),
+    ("Blue", "blue"), ("\\text{square}", "square"),
+    # expressions math-verify decides
+    ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"), ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}"),
+    ("2\\sqrt{3}", "\\sqrt{12}"), ("x^2+1", "1+x^2"), ("2\\pi", "2\\pi"), ("\\pi/2", "\\frac{\\pi}{2}"), ("\\frac{\\pi}{4}", "\\pi/4"),
+]
+
+NOT_EQUIVALENT = [
+    ("5", "4"), ("-4", "4"), ("0.51", "0.5"), ("1/3", "0.33"), ("12 cm", "13"), ("4.1", "4"),
+    ("40%", "0.5"), ("1,001", "1000"), ("B", "C"), ("(B)", "A"), ("B. 12", "C"), ("E", "B"),
+    ("yes", "no"), ("No", "yes"), ("maybe", "yes"), ("circle", "triangle"), ("four", "4"),
+    ("2 \\text{ or } 3", "2"), ("2 or 3", "3"), ("A or B", "A"), ("2, 3", "2"), ("x", "4"),
+    ("", "4"), ("   ", "4"), ("\\sqrt{2}", "2"), ("2\\pi", "\\pi"), ("x^2", "x^3"),
+    ("1e999999999", "1"), ("9**9**9", "1"), ("10^{10^{10}}", "1"), ("1/0", "0"), ("B", "12"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("pred, truth", EQUIVALENT)
+def test_equivalent(pred, truth):
+    assert is_equivalent(pred, truth)
+
+
+@pytest.mark.parametrize("pred, truth", NOT_EQUIVALENT)
+def test_not_equivalent(pred, truth):
+    assert not is_equivalent(pred, truth)
+
+
+def test_at_least_100_equivalence_cases():
+    assert len(EQUIVALENT) + len(NOT_EQUIVALENT) >= 100
+
+
+# --------------------------------------------------------------------------- adversarial
+
+
+def test_code_injection_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    payloads = [
+        f"__import__('os').system('touch {marker}')",
+        f"exec(\"open('{marker}','w')\")",
+        f"eval(\"__import__('pathlib').Path('{marker}').touch()\")",
+        f"(lambda: __import__('os').system('touch {marker}'))()",
+        f"\\text{{__import__('os').system('touch {marker}')}}",
+    ]
+    for p in payloads:
+        assert not is_equivalent(p, "0")
+        assert score(f"<think>x</think>\\boxed{{{p}}}", "0").reward < 0
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [
+        "9**9**9**9",
+        "100000000!",
+        "(" * 5000 + "1" + ")" * 5000,
+        "2^{2^{2^{2^{2^{2^{2^{2}}}}}}}",
+        "1" * 100_000,
+        "\\frac{" * 40 + "1" + "}{2}" * 40,
+        "1\x002",
+        "{{{{{",
+        "}}}}}",
+        "\\sqrt{" * 200,
+    ],
+)
+def test_adversarial_answers_return_in_bounded_time(pred):
+    t = time.monotonic()
+    assert not is_equivalent(pred, "1", timeout_s=2.0)
+    assert time.monotonic() - t < 2.0 + 5.0  # deadline + a worker respawn, never a hang
+
+
+def test_long_answers_are_not_parsed():
+    before = grader_stats()["graded"] + grader_stats()["timeouts"]
+    assert not is_equivalent("\\sqrt{2}" * (MAX_ANSWER_CHARS // 8 + 1), "\\sqrt{2}")
+    assert grader_stats()["graded"] + grader_stats()["timeouts"] == before
+
+
+def test_timeout_is_counted_and_scores_wrong():
+    before = grader_stats()["timeouts"]
+    assert not is_equivalent("100000000!", "1", timeout_s=0.5)
+    assert grader_stats()["timeouts"] == before + 1
+    assert is_equivalent("\\sqrt{4}", "2")  # the respawned worker still grades
+
+
+def test_malformed_responses_never_crash_scoring():
+    junk = [
+        "",
+        "\x00\x00",
+        "<think>" * 1000,
+        "\\boxed{" * 1000,
+        "}" * 1000,
+        SC * 50,
+        "<self-correction>" * 100,
+        "\\boxed{\\boxed{\\boxed{1}}}",
+        "\ud800" * 3,
+    ]
+    for s in score_batch(junk, ["1"] * len(junk)):
+        assert -0.5 <= s.reward <= 1.0
