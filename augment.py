@@ -10,6 +10,8 @@ Pure functions over token-id lists: no model, no engine, no process group.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -54,14 +56,66 @@ class Sample:
     reward: float = 0.0
 
 
+def _byte_level_alphabet() -> set[str]:
+    """The 256 characters byte-level BPE (GPT-2, Qwen) uses to spell raw bytes."""
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    extra = [b for b in range(256) if b not in keep]
+    return {chr(b) for b in keep} | {chr(256 + i) for i in range(len(extra))}
+
+
+_BYTE_LENGTHS: dict[int, list[int] | None] = {}
+
+
+def _token_byte_lengths(tokenizer) -> list[int] | None:
+    """UTF-8 length of every token id, or None for a tokenizer that is not byte-level BPE.
+    Built once per tokenizer: one list lookup per token afterwards."""
+    key = id(tokenizer)
+    if key not in _BYTE_LENGTHS:
+        alphabet, added = _byte_level_alphabet(), tokenizer.get_added_vocab()
+        added_ids = {i: len(t.encode("utf-8")) for t, i in added.items()}
+        lengths: list[int] | None = []
+        for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+            if i in added_ids:
+                lengths.append(added_ids[i])
+            elif tok is not None and all(ch in alphabet for ch in tok):
+                lengths.append(len(tok))  # one character per byte
+            else:
+                lengths = None
+                break
+        _BYTE_LENGTHS[key] = lengths
+    return _BYTE_LENGTHS[key]
+
+
+def _byte_ends(tokenizer, ids: list[int], text: str) -> list[int] | None:
+    """Byte offset where each token ends in `text` (the decode of `ids`); None when that is
+    not exact (not byte-level BPE, or invalid UTF-8 decoded as U+FFFD)."""
+    table = _token_byte_lengths(tokenizer)
+    if table is None or "\ufffd" in text or (ids and max(ids) >= len(table)):
+        return None
+    ends = list(itertools.accumulate(map(table.__getitem__, ids)))
+    return ends if (ends[-1] if ends else 0) == len(text.encode("utf-8")) else None
+
+
 def _prefix_chars(tokenizer, ids: list[int], k: int) -> int:
-    return len(tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    return len(
+        tokenizer.decode(ids[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    )
 
 
-def _first_token_reaching(tokenizer, ids: list[int], char: int) -> int:
+def _first_token_reaching(
+    tokenizer, ids: list[int], text: str, char: int, ends: list[int] | None
+) -> int:
     """Smallest k such that the first k tokens decode to at least `char` characters."""
+    if char <= 0:
+        return 0
+    if ends is not None:
+        return bisect.bisect_left(ends, len(text[:char].encode("utf-8"))) + 1
     lo, hi = 0, len(ids)
-    while lo < hi:  # O(log n) prefix decodes; no re-tokenization of the sampled text
+    while lo < hi:  # fallback: O(log n) prefix decodes; no re-tokenization of the sampled text
         mid = (lo + hi) // 2
         if _prefix_chars(tokenizer, ids, mid) >= char:
             hi = mid
@@ -70,10 +124,14 @@ def _first_token_reaching(tokenizer, ids: list[int], char: int) -> int:
     return lo
 
 
-def _last_token_within(tokenizer, ids: list[int], char: int) -> int:
+def _last_token_within(
+    tokenizer, ids: list[int], text: str, char: int, ends: list[int] | None
+) -> int:
     """Largest k such that the first k tokens decode to at most `char` characters."""
-    k = _first_token_reaching(tokenizer, ids, char)
-    return k if _prefix_chars(tokenizer, ids, k) <= char else k - 1
+    if ends is not None:
+        return bisect.bisect_right(ends, len(text[:char].encode("utf-8")))
+    k = _first_token_reaching(tokenizer, ids, text, char, None)
+    return k if k == 0 or _prefix_chars(tokenizer, ids, k) <= char else k - 1
 
 
 def _cut_after_answer(part: str) -> str | None:
@@ -103,8 +161,9 @@ def make_rollout(
     if span is None:
         sc_at, o1_len = None, len(body)
     else:
-        sc_at = _first_token_reaching(tokenizer, body, span[1])
-        o1_len = _last_token_within(tokenizer, body, len(text[: span[0]].rstrip()))
+        ends = _byte_ends(tokenizer, body, text)
+        sc_at = _first_token_reaching(tokenizer, body, text, span[1], ends)
+        o1_len = _last_token_within(tokenizer, body, text, len(text[: span[0]].rstrip()), ends)
 
     def encode(part: str | None) -> list[int] | None:
         cut = _cut_after_answer(part) if part is not None else None
@@ -127,7 +186,7 @@ def make_rollout(
 
 
 def transition_kind(o1_correct: bool, o2_correct: bool) -> str:
-    """"wc", "cc", "cw" or "ww": (acc(o1), acc(o2)) as the paper names them."""
+    """ "wc", "cc", "cw" or "ww": (acc(o1), acc(o2)) as the paper names them."""
     return ("c" if o1_correct else "w") + ("c" if o2_correct else "w")
 
 
@@ -150,10 +209,14 @@ def _splice(rollouts: list[Rollout], i: int, j: int, sc_ids: list[int], eos_id: 
 
 
 def _original(r: Rollout, i: int) -> Sample:
-    return Sample(r.ids, "original", r.sc_at, r.o1_correct, r.o2_correct, (i, i), r.o1_len, r.reward)
+    return Sample(
+        r.ids, "original", r.sc_at, r.o1_correct, r.o2_correct, (i, i), r.o1_len, r.reward
+    )
 
 
-def candidate_pool(rollouts: list[Rollout], *, same: bool = False) -> dict[str, list[tuple[int, int]]]:
+def candidate_pool(
+    rollouts: list[Rollout], *, same: bool = False
+) -> dict[str, list[tuple[int, int]]]:
     """Every pair (i, j) with an o1 in rollout i and an o2 in rollout j, by kind (Alg. 1 step 2).
     i = j pairs only with `same` (the released code keeps them; the paper does not)."""
     pool: dict[str, list[tuple[int, int]]] = {"wc": [], "cc": [], "cw": [], "ww": []}
@@ -165,7 +228,12 @@ def candidate_pool(rollouts: list[Rollout], *, same: bool = False) -> dict[str, 
 
 
 def select_pairs(
-    pool: dict[str, list[tuple[int, int]]], k: int, n: int, n_target: int, mode: str, rng: random.Random
+    pool: dict[str, list[tuple[int, int]]],
+    k: int,
+    n: int,
+    n_target: int,
+    mode: str,
+    rng: random.Random,
 ) -> list[tuple[int, int]]:
     """Which candidates join the group (Alg. 1 step 3), given k correct originals out of n."""
     need = max(n_target - n, 0)
@@ -178,7 +246,9 @@ def select_pairs(
         return rng.sample(every, min(need, len(every)))
     if mode == "paper":
         positives = shuffled["wc"] + shuffled["cc"]  # w->c first: the rare, informative signal
-        negatives = rng.sample(shuffled["cw"] + shuffled["ww"], len(shuffled["cw"]) + len(shuffled["ww"]))
+        negatives = rng.sample(
+            shuffled["cw"] + shuffled["ww"], len(shuffled["cw"]) + len(shuffled["ww"])
+        )
         n_pos = min(max(n_target // 2 - k, 0), len(positives), need)
         n_neg = min(need - n_pos, len(negatives))
         n_pos = min(need - n_neg, len(positives))  # negatives ran short: more positives

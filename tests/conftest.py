@@ -8,3 +8,35 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> str:
+    """The tiny random Qwen3-VL checkpoint, built once per test run."""
+    from tiny import build_tiny
+
+    return build_tiny(str(tmp_path_factory.mktemp("tiny") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(processor):
+    return processor.tokenizer
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_path):
+    """One in-process vLLM engine on the tiny model for the whole run (start ~5 s)."""
+    from rollout import VLLMEngine
+
+    eng = VLLMEngine(tiny_path, max_model_len=1024, kv_cache_gb=0.25, seed=0)
+    yield eng
+    eng.close()

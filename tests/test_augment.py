@@ -1,0 +1,330 @@
+"""Correction splicing (Algorithm 1) and selective masks (PAPER.md §3-4)."""
+
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from augment import (
+    Rollout,
+    Sample,
+    loss_masks,
+    make_rollout,
+    splice_group,
+    transition_counts,
+)
+from octopus import SC
+
+SC_IDS = [900, 901, 902]
+EOS = 999
+
+
+def fake(i: int, o1: bool | None, o2: bool | None, *, has_sc: bool | None = None) -> Rollout:
+    """Rollout i: o1 / o2 correctness (None: the part has no box); ids are distinct per rollout."""
+    has_sc = (o2 is not None) if has_sc is None else has_sc
+    a = [10 * i + 1, 10 * i + 2] if o1 is not None else None
+    b = [10 * i + 5, 10 * i + 6, 10 * i + 7] if o2 is not None else None
+    ids = (a or [10 * i]) + (SC_IDS + (b or [10 * i + 9]) if has_sc else []) + [EOS]
+    final = bool(o2) if has_sc else bool(o1)
+    sc_at = len(a or [0]) + len(SC_IDS) if has_sc else None
+    return Rollout(ids, a, b, bool(o1), bool(o2), final, sc_at, len(a or [0]), 0.0, 1.0, 1.0)
+
+
+def group_kinds(group: list[Sample]) -> Counter:
+    return Counter(s.kind for s in group if s.kind != "original")
+
+
+def check_spliced(group: list[Sample], rollouts: list[Rollout], *, allow_same: bool = False):
+    """Sample by sample: originals first and unchanged; spliced ids, kind, sc_at exact."""
+    n = len(rollouts)
+    for i, s in enumerate(group[:n]):
+        assert s.kind == "original" and s.ids == rollouts[i].ids and s.source == (i, i)
+        assert s.sc_at == rollouts[i].sc_at
+    pairs = [s.source for s in group[n:] if s.kind != "original"]
+    assert len(pairs) == len(set(pairs)), "a pair was used twice"
+    for s in group[n:]:
+        if s.kind == "original":
+            continue
+        i, j = s.source
+        assert allow_same or i != j
+        a, b = rollouts[i], rollouts[j]
+        assert s.ids == a.o1 + SC_IDS + b.o2 + [EOS]
+        assert s.sc_at == len(a.o1) + len(SC_IDS) and s.o1_len == len(a.o1)
+        assert (s.o1_correct, s.o2_correct) == (a.o1_correct, b.o2_correct)
+        assert s.kind == ("c" if a.o1_correct else "w") + ("c" if b.o2_correct else "w")
+
+
+def pattern(n: int, k: int) -> list[Rollout]:
+    """o1 alternates wrong/correct; o2 is correct for the first k rollouts."""
+    return [fake(i, o1=i % 2 == 1, o2=i < k) for i in range(n)]
+
+
+# Worked by hand for pattern(4, k) and pattern(8, k): kinds of the N - n spliced samples.
+# "neg" = any mix of cw and ww (drawn at random); k = 0 and k = n draw from the whole pool.
+HAND_N4 = {
+    0: {"neg": 4},
+    1: {"wc": 1, "cc": 2, "neg": 1},  # quota 4-1 = 3: the one wc, then 2 cc
+    2: {"wc": 2, "neg": 2},  # quota 2, 3 wc available: wc first, no cc
+    3: {"wc": 1, "cw": 1, "ww": 2},  # quota 1; the 3 negatives are the whole neg pool
+    4: {"pos": 4},
+}
+HAND_N8 = {
+    0: {"neg": 8},
+    1: {"wc": 3, "cc": 4, "neg": 1},  # wc pool is 3 (4 wrong o1 x 1 right o2, minus i = j)
+    2: {"wc": 6, "neg": 2},
+    3: {"wc": 5, "neg": 3},
+    4: {"wc": 4, "neg": 4},
+    5: {"wc": 3, "neg": 5},
+    6: {"wc": 2, "neg": 6},
+    7: {"wc": 1, "cw": 3, "ww": 4},  # the 7 negatives are the whole neg pool (3 cw + 4 ww)
+    8: {"pos": 8},
+}
+
+
+@pytest.mark.parametrize("n, table", [(4, HAND_N4), (8, HAND_N8)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paper_mode_hand_worked(n, table, seed):
+    for k, expected in table.items():
+        rollouts = pattern(n, k)
+        assert sum(r.final_correct for r in rollouts) == k
+        group = splice_group(rollouts, 2 * n, SC_IDS, EOS, mode="paper", rng=random.Random(seed))
+        assert len(group) == 2 * n
+        check_spliced(group, rollouts)
+        kinds = group_kinds(group)
+        got = dict(kinds)
+        if "neg" in expected:
+            got["neg"] = got.pop("cw", 0) + got.pop("ww", 0)
+        if "pos" in expected:
+            got["pos"] = got.pop("wc", 0) + got.pop("cc", 0)
+        assert got == expected, (k, kinds)
+        if 0 < k < n:  # balanced: half the group is positive
+            positives = sum(s.o2_correct if s.sc_at is not None else s.o1_correct for s in group)
+            assert positives == n
+
+
+def test_short_pools_paper_and_released():
+    # only rollout 0 corrected itself (w->c); 1 is right without a correction, 2 and 3 wrong
+    rollouts = [
+        fake(0, False, True),
+        fake(1, True, None),
+        fake(2, False, None),
+        fake(3, False, None),
+    ]
+    assert sum(r.final_correct for r in rollouts) == 2
+    group = splice_group(rollouts, 8, SC_IDS, EOS, mode="paper", rng=random.Random(0))
+    check_spliced(group, rollouts)
+    # pool: (1,0) cc, (2,0) wc, (3,0) wc. Quota 2 -> both wc; no negatives exist -> the cc too.
+    assert [s.source for s in group[4:]] in ([(2, 0), (3, 0), (1, 0)], [(3, 0), (2, 0), (1, 0)])
+    assert len(group) == 7  # the paper mode never repeats originals to fill
+    released = splice_group(rollouts, 8, SC_IDS, EOS, mode="released", rng=random.Random(0))
+    check_spliced(released, rollouts, allow_same=True)
+    # released pool adds (0,0) wc; quota (4-2)//2 = 1 wc, 1 cc, then the 2 leftover wc
+    assert len(released) == 8 and Counter(s.kind for s in released[4:]) == {"wc": 3, "cc": 1}
+
+
+def test_empty_pool_released_repeats_originals():
+    rollouts = [fake(i, i % 2 == 0, None) for i in range(4)]
+    assert len(splice_group(rollouts, 8, SC_IDS, EOS, mode="paper")) == 4
+    released = splice_group(rollouts, 8, SC_IDS, EOS, mode="released")
+    assert [s.source for s in released] == [(i, i) for i in range(4)] * 2
+    assert all(s.kind == "original" for s in released)
+
+
+def test_released_mode_quota_order():
+    rollouts = pattern(4, 2)  # k = 2: quota (4-2)//2 = 1 wc, 1 cc, then one cw, then ww
+    group = splice_group(rollouts, 8, SC_IDS, EOS, mode="released", rng=random.Random(3))
+    check_spliced(group, rollouts, allow_same=True)
+    assert [s.kind for s in group[4:]] == ["wc", "cc", "cw", "ww"]
+
+
+def test_none_and_random_modes():
+    rollouts = pattern(4, 2)
+    assert len(splice_group(rollouts, 8, SC_IDS, EOS, mode="none")) == 4
+    group = splice_group(rollouts, 8, SC_IDS, EOS, mode="random", rng=random.Random(0))
+    check_spliced(group, rollouts)
+    assert len(group) == 8
+    with pytest.raises(ValueError, match="augment mode"):
+        splice_group(rollouts, 8, SC_IDS, EOS, mode="bogus")
+
+
+def test_spliced_reward_is_eq6_with_guards():
+    r = [fake(0, False, False), fake(1, True, True)]
+    r[0].o2_format = 0.0  # rollout 0's o2 is malformed
+    group = splice_group(r, 4, SC_IDS, EOS, mode="paper", rng=random.Random(0))
+    by_source = {s.source: s for s in group}
+    assert by_source[(0, 1)].reward == pytest.approx(0.9 * 1.0 + 0.1)  # w->c
+    assert by_source[(1, 0)].reward == pytest.approx(0.9 * -0.25 + 0.0)  # c->w, fmt(o2) = 0
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def test_loss_masks_stage1_and_stage2():
+    s = Sample(ids=[1, 2, 3, 900, 901, 7, 8, EOS], kind="wc", sc_at=5, o1_correct=False,
+               o2_correct=True, source=(0, 1), o1_len=3)  # fmt: skip
+    assert loss_masks(s, "1") == ([0, 0, 0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0])
+    assert loss_masks(s, "2") == ([0, 0, 0, 0, 0, 1, 1, 1], [0] * 8)
+    cc = Sample(s.ids, "cc", 5, True, True, (0, 1), 3)
+    assert loss_masks(cc, "1") == ([0, 0, 0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0])
+    assert loss_masks(cc, "2") == ([1] * 8, [0] * 8)
+    plain = Sample([1, 2, EOS], "original", None, True, False, (0, 0), 2)
+    assert loss_masks(plain, "1") == ([1, 1, 1], [0, 0, 0])
+    assert loss_masks(plain, "2") == ([1, 1, 1], [0, 0, 0])
+    with pytest.raises(ValueError, match="stage"):
+        loss_masks(s, "3")
+
+
+def test_transition_counts():
+    rollouts = pattern(4, 2) + [fake(9, True, None)]
+    assert transition_counts(rollouts) == {"wc": 1, "cc": 1, "cw": 1, "ww": 1, "none": 1}
+
+
+# --------------------------------------------------------------------------- properties
+
+part = st.sampled_from([None, False, True])
+
+
+@st.composite
+def groups(draw):
+    n = draw(st.integers(1, 8))
+    rollouts = []
+    for i in range(n):
+        o1, o2 = draw(part), draw(part)
+        has_sc = draw(st.booleans()) if o2 is None else True
+        rollouts.append(fake(i, o1, o2, has_sc=has_sc))
+    return rollouts, draw(st.sampled_from([n, 2 * n, 2 * n + 3])), draw(st.integers(0, 10**6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(groups(), st.sampled_from(["paper", "released", "random", "none"]))
+def test_invariants_every_mode(g, mode):
+    rollouts, n_target, seed = g
+    n = len(rollouts)
+    group = splice_group(rollouts, n_target, SC_IDS, EOS, mode=mode, rng=random.Random(seed))
+    check_spliced(group, rollouts, allow_same=mode == "released")
+    pool = [(i, j) for i, a in enumerate(rollouts) for j, b in enumerate(rollouts)
+            if a.o1 is not None and b.o2 is not None and (i != j or mode == "released")]  # fmt: skip
+    if mode == "none":
+        assert len(group) == n
+    elif mode == "released":
+        assert len(group) == max(n_target, n)
+    else:
+        assert len(group) == n + min(max(n_target - n, 0), len(pool))
+    if mode == "paper":
+        k = sum(r.final_correct for r in rollouts)
+        spliced = group[n:]
+        pos_pool = [p for p in pool if rollouts[p[1]].o2_correct]
+        quota = max(n_target // 2 - k, 0)
+        need = max(n_target - n, 0)
+        if 0 < k < n and len(pos_pool) >= quota and len(pool) - len(pos_pool) >= need - quota:
+            assert sum(s.o2_correct for s in spliced) == min(quota, need)  # balanced
+        if 0 < k < n and any(s.kind == "cc" for s in spliced):  # w->c always before c->c
+            wc_pool = [p for p in pos_pool if not rollouts[p[0]].o1_correct]
+            assert sum(s.kind == "wc" for s in spliced) == len(wc_pool)
+    for s in group:
+        for stage in ("1", "2"):
+            policy, kl = loss_masks(s, stage)
+            assert len(policy) == len(kl) == len(s.ids)
+            if s.sc_at is None:
+                assert policy == [1] * len(s.ids) and kl == [0] * len(s.ids)
+                continue
+            assert s.o1_len <= s.sc_at
+            if stage == "1":
+                assert policy == [0] * s.sc_at + [1] * (len(s.ids) - s.sc_at)
+                assert kl == [1] * s.o1_len + [0] * (len(s.ids) - s.o1_len)
+                assert not any(
+                    p and q for p, q in zip(policy, kl, strict=True)
+                )  # KL never on SC or o2
+            else:
+                assert kl == [0] * len(s.ids)
+                assert (policy[0] == 0) == (s.o1_correct != s.o2_correct)
+
+
+# --------------------------------------------------------------------------- real tokenizer
+
+O1 = "<think>\nI count 3 dots.\n</think>\n\n\\boxed{3}"
+O2 = "<think>\nLook again: 4 dots.\n</think>\n\n\\boxed{4}"
+
+
+def test_make_rollout_with_real_tokenizer(tokenizer):
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text = O1 + " is my answer." + SC + O2 + " Final."
+    ids = tokenizer.encode(text, add_special_tokens=False) + [eos]
+    r = make_rollout(ids, tokenizer, "4")
+    assert (r.o1_correct, r.o2_correct, r.final_correct) == (False, True, True)
+    assert tokenizer.decode(ids[r.sc_at :]).startswith(O2)
+    # ".\n" is one token straddling o1 and SC: it is left out of the KL's o1 tokens
+    assert tokenizer.decode(ids[: r.o1_len]) == O1 + " is my answer"
+    assert tokenizer.convert_ids_to_tokens(ids[r.o1_len]).startswith(".Ċ")
+    assert tokenizer.decode(r.o1) == O1 and tokenizer.decode(r.o2) == O2  # cut after the box
+
+
+def test_boundary_token_straddles_brace_and_newlines(tokenizer):
+    """'}\\n\\n' is one token in Qwen's tokenizers (and the tiny one): it holds the end of o1
+    and the start of SC. It counts as o1 + SC for sc_at, and is left out of o1_len."""
+    text = O1 + SC + O2
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    straddle = tokens.index("}ĊĊ")
+    r = make_rollout(ids, tokenizer, "3")
+    assert r.o1_len == straddle  # everything before the '}\n\n' token
+    assert tokenizer.decode(ids[: r.sc_at]).endswith("</self-correction>\n\n")
+    assert tokenizer.decode(ids[r.sc_at :]) == O2
+    assert (r.o1_correct, r.o2_correct) == (True, False)
+
+
+def test_spliced_decode_is_exact(tokenizer):
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    sc_ids = tokenizer.encode(SC, add_special_tokens=False)
+    texts = [O1 + SC + O2, O2 + "\n\n< self-correction >\n</self-correction>\n\n" + O1]
+    rollouts = [make_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
+                for t in texts]  # fmt: skip
+    group = splice_group(rollouts, 4, sc_ids, eos, mode="paper", rng=random.Random(0))
+    assert len(group) == 4
+    by_source = {s.source: s for s in group}
+    assert tokenizer.decode(by_source[(0, 1)].ids) == O1 + SC + O1 + "<|im_end|>"
+    assert tokenizer.decode(by_source[(1, 0)].ids) == O2 + SC + O2 + "<|im_end|>"
+    for s in group[2:]:
+        assert tokenizer.decode(s.ids[: s.sc_at]).endswith(SC)
+        assert tokenizer.decode(s.ids[: s.o1_len]) in (O1, O2)
+    # truth 4: (0,1) = o1 "3" + o2 "3" is w->w; (1,0) = o1 "4" + o2 "4" is c->c
+    assert by_source[(0, 1)].kind == "ww" and by_source[(1, 0)].kind == "cc"
+
+
+def test_no_correction_and_missing_boxes(tokenizer):
+    ids = tokenizer.encode(
+        "<think>no box</think> nothing" + SC + "also nothing", add_special_tokens=False
+    )
+    r = make_rollout(ids, tokenizer, "1")
+    assert r.o1 is None and r.o2 is None and r.sc_at is not None and not r.final_correct
+    ids = tokenizer.encode(O1, add_special_tokens=False)
+    r = make_rollout(ids, tokenizer, "3")
+    assert r.sc_at is None and r.o2 is None and r.final_correct and r.o1_len == len(ids)
+
+
+def test_byte_offsets_agree_with_prefix_decodes(tokenizer):
+    """The fast path (byte lengths per token) against prefix decodes, at every character
+    boundary, on non-ASCII text too: the first k tokens reaching `c` characters decode to
+    text that starts with text[:c], and k - 1 tokens do not."""
+    import augment
+
+    text = O1 + " ünïcødé 数 ✓" + SC + O2 + " 😀"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    ends = augment._byte_ends(tokenizer, ids, text)
+    assert ends is not None
+
+    def dec(k):
+        return tokenizer.decode(ids[:k])
+
+    for char in range(1, len(text) + 1):
+        k = augment._first_token_reaching(tokenizer, ids, text, char, ends)
+        assert dec(k).startswith(text[:char]) and not dec(k - 1).startswith(text[:char]), char
+        m = augment._last_token_within(tokenizer, ids, text, char, ends)
+        assert text[:char].startswith(dec(m)), char
+        assert m == len(ids) or not text[:char].startswith(dec(m + 1)), char
+        if text[char - 1 : char + 1].isascii():  # where prefix decodes are exact, both agree
+            assert k == augment._first_token_reaching(tokenizer, ids, text, char, None)
+            assert m == augment._last_token_within(tokenizer, ids, text, char, None)
