@@ -1,1 +1,199 @@
-"""placeholder"""
+"""The masked policy objective of Octopus (PAPER.md §4-5) as pure tensor functions.
+
+GRPO / DAPO (token ratio, Eq. 1), GSPO (sequence ratio, Eq. 2; over o2 only with the Stage I
+mask, Eq. 5) and the released runs' GSPO-token form; per-token clipping with a dual clip for
+negative advantages; the k3 KL on o1 of Stage I; SFT's NLL. No model, no process group: torch.
+
+Shapes: B sequences, T response positions (left-aligned, padded), V vocabulary.
+`logp[b, t]` is the log-prob of response token t of sequence b; `mask[b, t]` is 1 where the
+token is trained (padding and masked tokens 0; masked tokens stay in the context upstream).
+
+Split invariance: every loss is a SUM of per-sequence (agg="seq") or per-token (agg="token")
+terms divided by a `normalizer` (the count of sequences with trained tokens, or of trained
+tokens). Pass the count of the whole mini-batch, summed over micro-batches and ranks
+(`count_for`), and the gradients of the micro-batch losses add up to the mini-batch gradient
+whatever the split. (The released code rescales each micro-batch by its own token count, which
+makes the KL weight depend on how many o2 tokens share a micro-batch.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOG_RATIO_BOUND = 20.0  # exp(20) ~ 5e8: keeps a stray ratio finite; clipping decides the rest
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(label) per position: logits (B, T, V), labels (B, T) -> (B, T), float32.
+
+    `logits[:, t]` must already be the prediction of `labels[:, t]` (shifted by the caller).
+    Computed one sequence at a time as gather - logsumexp, so no (B, T, V) log-softmax copy is
+    kept for backward (logsumexp saves only its input and its (T,) output).
+    """
+    rows = []
+    for b in range(logits.shape[0]):
+        row = logits[b].float()  # (T, V)
+        if temperature != 1.0:
+            row = row / temperature
+        picked = row.gather(-1, labels[b].unsqueeze(-1)).squeeze(-1)  # (T,)
+        rows.append(picked - torch.logsumexp(row, dim=-1))  # (T,)
+    return torch.stack(rows)  # (B, T)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """A = (r - mean(r_group)) / (std(r_group) + eps) per sample (PAPER.md §5); std unbiased
+    (torch.std). A group of one has no baseline to compare with and gets 0."""
+    rewards = rewards.double()  # (N,)
+    adv = torch.zeros_like(rewards)  # (N,)
+    for g in torch.unique(group_ids):
+        members = group_ids == g  # (N,)
+        if members.sum() > 1:
+            r = rewards[members]
+            adv[members] = (r - r.mean()) / (r.std() + eps)
+    return adv.float()
+
+
+def count_for(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """The normalizer of `masked_mean` for this batch: sequences with at least one trained
+    token (agg="seq") or trained tokens (agg="token"). Sum it over micro-batches and ranks."""
+    if agg == "seq":
+        return (mask.sum(-1) > 0).sum().double()
+    if agg == "token":
+        return mask.sum().double()
+    raise ValueError(f"agg must be 'seq' or 'token', got {agg!r}")
+
+
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, agg: str, normalizer=None
+) -> torch.Tensor:
+    """Aggregate (B, T) per-token values over mask = 1. "seq": mean over the tokens of each
+    sequence, then over sequences; "token": mean over all tokens. With `normalizer`, the sum of
+    the terms is divided by it instead of by this batch's own count (split invariance)."""
+    mask = mask.to(values.dtype)
+    zeroed = torch.where(mask > 0, values, torch.zeros_like(values))  # masked inf/nan never leak
+    if agg == "seq":
+        per_seq = zeroed.sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+        total = per_seq.sum()
+    elif agg == "token":
+        total = zeroed.sum()
+    else:
+        raise ValueError(f"agg must be 'seq' or 'token', got {agg!r}")
+    denom = count_for(mask, agg) if normalizer is None else torch.as_tensor(normalizer)
+    return total / denom.clamp(min=1).to(total.dtype)
+
+
+def importance_log_ratio(
+    logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, ratio: str
+) -> torch.Tensor:
+    """log r per token (B, T). "token": log p - log p_old (Eq. 1). "sequence": the mean of that
+    over the sequence's trained tokens, for every token (Eq. 2; over o2 only with the Stage I
+    mask: Eq. 5). "sequence_token": value of "sequence", gradient of "token" per token
+    (`sg[log s] + log p - sg[log p]`, the released runs)."""
+    m = mask > 0
+    log_ratio = torch.where(m, logp - old_logp, torch.zeros_like(logp))  # (B, T)
+    if ratio == "token":
+        out = log_ratio
+    else:
+        seq = log_ratio.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+        if ratio == "sequence":
+            out = seq.expand_as(logp)
+        elif ratio == "sequence_token":
+            out = seq.detach() + logp - logp.detach()
+        else:
+            raise ValueError(f"ratio must be token, sequence or sequence_token; got {ratio!r}")
+    return out.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ratio: str,
+    clip_low: float,
+    clip_high: float,
+    clip_dual: float = 3.0,
+    agg: str,
+    normalizer=None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate (PAPER.md §5): per token `max(-A r, -A clip(r, 1 - eps_low, 1 +
+    eps_high))`, and for A < 0 at most `-A * clip_dual`; aggregated by `agg`.
+
+    logp, old_logp, mask: (B, T); advantages: (B,). Returns the loss and detached metrics:
+    clip fractions (low: A < 0 and r < 1 - eps_low; high: A > 0 and r > 1 + eps_high), the
+    dual-clip fraction, the approximate KL to the old policy (k3) and the mean ratio.
+    """
+    m = mask > 0
+    log_r = importance_log_ratio(logp, old_logp, mask, ratio)  # (B, T)
+    r = torch.exp(log_r)  # (B, T)
+    adv = advantages.to(logp.dtype).unsqueeze(-1)  # (B, 1)
+    unclipped = -adv * r  # (B, T)
+    clipped = -adv * r.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
+    loss_tok = torch.maximum(unclipped, clipped)  # (B, T)
+    dual = -adv * clip_dual  # (B, 1)
+    loss_tok = torch.where(adv < 0, torch.minimum(loss_tok, dual), loss_tok)  # (B, T)
+    loss = masked_mean(loss_tok, mask, agg, normalizer)
+
+    with torch.no_grad():
+        n = m.sum().clamp(min=1)
+        neg, pos = (adv < 0).expand_as(m) & m, (adv > 0).expand_as(m) & m
+        metrics = {
+            "clip_low": ((r < 1.0 - clip_low) & neg).sum().item() / n.item(),
+            "clip_high": ((r > 1.0 + clip_high) & pos).sum().item() / n.item(),
+            "clip_dual": ((-adv * r > dual) & neg).sum().item() / n.item(),
+            "approx_kl": (kl_k3(logp.detach(), old_logp) * m).sum().item() / n.item(),
+            "ratio": (r * m).sum().item() / n.item(),
+            "tokens": int(m.sum().item()),
+        }
+    return loss, metrics
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Low-variance KL estimator per token (PAPER.md §4): `exp(ref - logp) - (ref - logp) - 1`,
+    clamped to [-10, 10]. Shapes as `logp`."""
+    d = ref_logp - logp
+    return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
+
+
+def kl_loss(
+    logp: torch.Tensor, ref_logp: torch.Tensor, kl_mask: torch.Tensor, *, agg: str, normalizer=None
+) -> torch.Tensor:
+    """Stage I's KL term: k3 towards the reference, averaged over the KL mask (the o1 tokens)
+    with the same aggregation as the policy loss. Multiply by `Config.kl_coef` (0.01)."""
+    return masked_mean(kl_k3(logp, ref_logp), kl_mask, agg, normalizer)
+
+
+def stage1_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    policy_mask: torch.Tensor,
+    kl_mask: torch.Tensor,
+    *,
+    kl_coef: float = 0.01,
+    policy_normalizer=None,
+    kl_normalizer=None,
+    **policy_kwargs,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The Stage I objective (PAPER.md §4): policy loss on o2 + kl_coef x KL on o1."""
+    loss, metrics = policy_loss(
+        logp, old_logp, advantages, policy_mask, normalizer=policy_normalizer, **policy_kwargs
+    )
+    kl = kl_loss(logp, ref_logp, kl_mask, agg=policy_kwargs["agg"], normalizer=kl_normalizer)
+    with torch.no_grad():  # logged as this batch's own mean, whatever the normalizer
+        metrics["kl_o1"] = masked_mean(kl_k3(logp, ref_logp), kl_mask, policy_kwargs["agg"]).item()
+    return loss + kl_coef * kl, metrics
+
+
+def sft_loss(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, normalizer=None
+) -> torch.Tensor:
+    """Cold-start SFT (PAPER.md §4.1): mean NLL over the trained tokens (token aggregation).
+    logits (B, T, V) already aligned with labels (B, T); mask (B, T)."""
+    return masked_mean(-token_logprobs(logits, labels), mask, "token", normalizer)
