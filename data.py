@@ -215,6 +215,8 @@ def row_to_example(
     }
     if row.get("category") is not None:
         example["category"] = str(row["category"])
+    if row.get("response"):  # a cold-start target (coldstart.py): o1 + SC + o2
+        example["response"] = str(row["response"])
     return example
 
 
@@ -296,11 +298,22 @@ def synthetic_answer(answer: str, guess: str | None = None) -> str:
     return f"<think>\nI count the dots: {guess}.\n</think>\n\n\\boxed{{{guess}}}"
 
 
-def synthetic_coldstart(example: dict, rng: random.Random, p_wrong_first: float = 0.5) -> str:
-    """A cold-start response `o1 + SC + o2` for a dot example: o1 right or a near miss, o2 right
-    (the mixed-sampling recipe of PAPER.md §6 in miniature)."""
+def synthetic_coldstart(
+    example: dict, rng: random.Random, p_wrong_first: float = 0.5, p_wrong_second: float = 0.3
+) -> str:
+    """A cold-start response `o1 + SC + o2` for a dot example (PAPER.md §6 in miniature): o1 a
+    near miss with probability `p_wrong_first`, o2 right except with `p_wrong_second`. The
+    demo's teacher is noisy on purpose: a cold start that already counts perfectly would leave
+    RL nothing to improve."""
     answer = example["answer"]
-    o1_guess = answer
-    if rng.random() < p_wrong_first:
-        o1_guess = str(max(1, int(answer) + rng.choice([-1, 1])))
-    return synthetic_answer(answer, o1_guess) + SC + synthetic_answer(answer)
+
+    def guess(p_wrong: float) -> str:
+        if rng.random() < p_wrong:
+            return str(max(1, int(answer) + rng.choice([-1, 1])) if answer != "1" else 2)
+        return answer
+
+    return (
+        synthetic_answer(answer, guess(p_wrong_first))
+        + SC
+        + synthetic_answer(answer, guess(p_wrong_second))
+    )

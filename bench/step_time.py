@@ -1,0 +1,76 @@
+"""Octopus vs GSPO step time, side by side in one run (PAPER.md §7: 0.72x of GSPO-n16).
+
+(a) GSPO n = 16, (b) GSPO n = 8, (c) Octopus n = 8 -> 16 trained: the real engine and trainer
+(train.rl_step), the same prompts, alternating runs, several repetitions, learning rate 0 so
+every run sees the same policy. Needs a cold-started model (so that responses have the
+format and splicing has parts): by default the demo's SFT export.
+
+    torchrun --nproc_per_node=1 bench/step_time.py [--model runs/demo/stage-sft/export] [--reps 3]
+
+The last line is for tools: `octopus/gspo-n16 total=<r> generate=<r> overhead=<s> gen_share=<g>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402
+from octopus import preset  # noqa: E402
+
+PHASES = ["generate", "score", "augment", "logprobs", "update", "sync"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="runs/demo/stage-sft/export")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="/tmp/octopus-step-time")
+    args = ap.parse_args()
+
+    base = preset("demo", stages="", stage="2", kl_coef=0.0, model=args.model, out_dir=args.out, resume=False,
+                  prompts_per_step=args.prompts, mini_batch_prompts=args.prompts, lr=0.0, warmup_steps=0,
+                  val_data="", export=False, save_every=0)  # fmt: skip
+    runs = {
+        "gspo-n16": base.replace(n_rollouts=16, n_train=16, augment="none", reward_kind="baseline"),
+        "gspo-n8": base.replace(n_rollouts=8, n_train=8, augment="none", reward_kind="baseline"),
+        "octopus": base.replace(n_rollouts=8, n_train=16, augment="paper"),
+    }
+    t, _, _ = train.build_trainer(base)
+    times: dict[str, dict[str, list[float]]] = {
+        name: {p: [] for p in [*PHASES, "total"]} for name in runs
+    }
+    train.rl_step(t, 0)  # warm-up outside the clock
+    for rep in range(args.reps):
+        for name, cfg in runs.items():  # alternating: drifts of the machine hit every run alike
+            t.cfg = cfg
+            row = train.rl_step(t, 1 + rep)  # the same prompts for every run of a repetition
+            for p in PHASES:
+                times[name][p].append(row[f"time_{p}"])
+            times[name]["total"].append(sum(row[f"time_{p}"] for p in PHASES))
+    med = {name: {p: statistics.median(v) for p, v in ph.items()} for name, ph in times.items()}
+
+    print(f"machine: {os.cpu_count()} cores, CPU; model {args.model}; {args.prompts} prompts per step; "
+          f"median of {args.reps} alternating repetitions (seconds)")  # fmt: skip
+    print("| phase | gspo-n16 | gspo-n8 | octopus 8->16 | octopus / gspo-n16 | octopus / gspo-n8 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for p in [*PHASES, "total"]:
+        a, b, c = med["gspo-n16"][p], med["gspo-n8"][p], med["octopus"][p]
+        print(f"| {p} | {a:.2f} | {b:.2f} | {c:.2f} | {c / a:.2f} | {c / b:.2f} |")
+    a, c = med["gspo-n16"], med["octopus"]
+    g = a["generate"] / a["total"]
+    gen_ratio = c["generate"] / a["generate"]
+    overhead = (c["score"] + c["augment"]) / c["total"]
+    print(f"limit from the generation share: 1 - g(1 - r) = {1 - g * (1 - gen_ratio):.2f}")
+    print(f"octopus/gspo-n16 total={c['total'] / a['total']:.3f} generate={gen_ratio:.3f} "
+          f"overhead={overhead:.4f} gen_share={g:.3f}")  # fmt: skip
+    t.engine.close()
+
+
+if __name__ == "__main__":
+    main()
