@@ -51,7 +51,9 @@ elif mode == "grads":  # the same fixed items on 1 or 2 ranks: the summed gradie
         for k, ex in enumerate(synthetic_task(6, seed=5)):
             prompt = train.encode_prompt(processor, render_prompt(processor, ex["messages"]))
             n = 5 + 3 * k
-            ids = torch.randint(0, 1000, (n,), generator=g).tolist()
+            ids = torch.randint(
+                0, min(processor.tokenizer.all_special_ids), (n,), generator=g
+            ).tolist()
             cut = k % 3
             policy = torch.tensor([0.0] * cut + [1.0] * (n - cut))
             kl = torch.tensor([1.0] * (cut // 2) + [0.0] * (n - cut // 2))
