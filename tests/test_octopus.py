@@ -71,7 +71,11 @@ def test_presets_and_overrides():
         assert cfg.n_train >= cfg.n_rollouts
     assert preset("gspo-n16").n_rollouts == 16 and preset("gspo-n16").augment == "none"
     assert preset("octopus-8b-stage1", lr=2e-6).lr == 2e-6
-    assert preset("grpo-n8").ratio == "token"
+    assert preset("grpo-n8").ratio == "token" and preset("grpo-n8").clip_high == 0.2
+    assert preset("dapo-n16").clip_high == 0.28 and preset("dapo-n16").agg == "token"
+    assert (
+        preset("octopus-8b-stage1").clip_low == 3e-4 and preset("octopus-8b-stage1").n_train == 16
+    )
     with pytest.raises(ValueError, match="unknown Config field"):
         preset("gspo-n8", learning_rate=1.0)
     with pytest.raises(ValueError, match="unknown preset"):
