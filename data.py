@@ -308,9 +308,11 @@ def synthetic_coldstart(
     answer = example["answer"]
 
     def guess(p_wrong: float) -> str:
-        if rng.random() < p_wrong:
-            return str(max(1, int(answer) + rng.choice([-1, 1])) if answer != "1" else 2)
-        return answer
+        if rng.random() >= p_wrong:
+            return answer
+        if answer == "1":  # a near miss that is still a count
+            return "2"
+        return str(int(answer) + rng.choice([-1, 1]))
 
     return (
         synthetic_answer(answer, guess(p_wrong_first))

@@ -698,16 +698,15 @@ def sft_step(t: Trainer, step: int) -> dict:
             normalizer=total,
         )
         (loss * world * bool(mb)).backward()
-        loss_sum += loss.item() * world * bool(mb)
+        loss_sum += loss.item() * bool(mb)  # this rank's share of the global mean
     grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     t.optimizer.step()
     t.scheduler.step()
     m = Metrics()
-    m.add("sft_loss", loss_sum / world)
+    m.add_total("sft_loss", loss_sum)  # the shares of all ranks add up to the global mean
     m.add("time_update", time.perf_counter() - clock)
     row = m.reduce()
-    row["sft_loss"] *= world  # each rank holds its share of the global mean
     row.update(
         grad_norm=float(grad_norm), lr=t.scheduler.get_last_lr()[0], data_skipped=t.skipped_rows
     )
