@@ -1,4 +1,5 @@
-"""Octopus rollout augmentation (PAPER.md §3, Algorithm 1) and selective masks (§4).
+"""Octopus rollout augmentation (arXiv 2602.08503, Sec. 3.2, Algorithm 1) and selective
+masks (Sec. 4.3).
 
 n generated rollouts become up to N = 2n training samples: the n originals, plus spliced
 samples `o1_i + SC + o2_j` (i != j) chosen so that the group holds about as many positives as
@@ -13,10 +14,18 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from octopus import sc_span, split_response
-from reward import Score, answer_span, format_reward, guarded_correction_reward, score
+from reward import (
+    Score,
+    answer_span,
+    format_reward,
+    guarded_correction_reward,
+    octopus_reward,
+    score,
+)
 
 
 @dataclass
@@ -56,48 +65,51 @@ class Sample:
     reward: float = 0.0
 
 
-def _byte_level_alphabet() -> set[str]:
-    """The 256 characters byte-level BPE (GPT-2, Qwen) uses to spell raw bytes."""
+def _byte_level_bytes() -> dict[str, int]:
+    """The byte each of the 256 characters of byte-level BPE (GPT-2, Qwen) spells."""
     keep = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
         *range(ord("®"), ord("ÿ") + 1),
     ]
     extra = [b for b in range(256) if b not in keep]
-    return {chr(b) for b in keep} | {chr(256 + i) for i in range(len(extra))}
+    return {chr(b): b for b in keep} | {chr(256 + i): b for i, b in enumerate(extra)}
 
 
-_BYTE_LENGTHS: dict[int, list[int] | None] = {}
+_TOKEN_BYTES: dict[int, list[bytes] | None] = {}
 
 
-def _token_byte_lengths(tokenizer) -> list[int] | None:
-    """UTF-8 length of every token id, or None for a tokenizer that is not byte-level BPE.
-    Built once per tokenizer: one list lookup per token afterwards."""
+def _token_bytes(tokenizer) -> list[bytes] | None:
+    """Raw bytes of every token id (an added token: its UTF-8 text), or None for a tokenizer
+    that is not byte-level BPE. Built once per tokenizer: one list lookup per token afterwards."""
     key = id(tokenizer)
-    if key not in _BYTE_LENGTHS:
-        alphabet, added = _byte_level_alphabet(), tokenizer.get_added_vocab()
-        added_ids = {i: len(t.encode("utf-8")) for t, i in added.items()}
-        lengths: list[int] | None = []
+    if key not in _TOKEN_BYTES:
+        byte_of, added = _byte_level_bytes(), tokenizer.get_added_vocab()
+        added_ids = {i: t.encode("utf-8") for t, i in added.items()}
+        table: list[bytes] | None = []
         for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
             if i in added_ids:
-                lengths.append(added_ids[i])
-            elif tok is not None and all(ch in alphabet for ch in tok):
-                lengths.append(len(tok))  # one character per byte
+                table.append(added_ids[i])
+            elif tok is not None and all(ch in byte_of for ch in tok):
+                table.append(bytes(byte_of[ch] for ch in tok))
             else:
-                lengths = None
+                table = None
                 break
-        _BYTE_LENGTHS[key] = lengths
-    return _BYTE_LENGTHS[key]
+        _TOKEN_BYTES[key] = table
+    return _TOKEN_BYTES[key]
 
 
 def _byte_ends(tokenizer, ids: list[int], text: str) -> list[int] | None:
     """Byte offset where each token ends in `text` (the decode of `ids`); None when that is
-    not exact (not byte-level BPE, or invalid UTF-8 decoded as U+FFFD)."""
-    table = _token_byte_lengths(tokenizer)
-    if table is None or "\ufffd" in text or (ids and max(ids) >= len(table)):
+    not exact: not byte-level BPE, or sampled bytes that are not valid UTF-8 (decoded as
+    U+FFFD). A U+FFFD the model spelled in valid bytes is exact. Linear in `len(ids)`."""
+    table = _token_bytes(tokenizer)
+    if table is None or (ids and max(ids) >= len(table)):
         return None
-    ends = list(itertools.accumulate(map(table.__getitem__, ids)))
-    return ends if (ends[-1] if ends else 0) == len(text.encode("utf-8")) else None
+    pieces = [table[i] for i in ids]
+    if b"".join(pieces) != text.encode("utf-8"):
+        return None
+    return list(itertools.accumulate(map(len, pieces)))
 
 
 def _prefix_chars(tokenizer, ids: list[int], k: int) -> int:
@@ -146,9 +158,11 @@ def make_rollout(
 ) -> Rollout:
     """Split and grade one sampled response (Algorithm 1, step 1).
 
-    `sc_at` comes from character offsets of the sampled tokens (prefix decodes), so the
-    original ids are never re-tokenized; `o1` / `o2` are the cut part texts, encoded. Pass
-    `graded` (reward.score of the same text) to reuse a batch grading instead of grading again.
+    `sc_at` comes from character offsets of the sampled tokens (per-token byte lengths, or
+    O(log n) prefix decodes for other tokenizers), so the original ids are never re-tokenized;
+    `o1` / `o2` are the cut part texts, encoded. Pass `graded` (reward.score of the same text)
+    to reuse a batch grading instead of grading again. Linear in the response's length (up to
+    the tokenizer's own encode and decode): a degenerate 1M-character response costs < 1 s.
     """
     body = list(ids)
     special = set(tokenizer.all_special_ids)
@@ -192,9 +206,8 @@ def transition_kind(o1_correct: bool, o2_correct: bool) -> str:
 
 def _splice(rollouts: list[Rollout], i: int, j: int, sc_ids: list[int], eos_id: int) -> Sample:
     a, b = rollouts[i], rollouts[j]
-    identical = a.o1 == b.o2
     r_prime = guarded_correction_reward(
-        a.o1_correct, b.o2_correct, identical=identical, o1_answered=True, o2_format=b.o2_format
+        a.o1_correct, b.o2_correct, identical=a.o1 == b.o2, o1_answered=True, o2_format=b.o2_format
     )
     return Sample(
         ids=a.o1 + sc_ids + b.o2 + [eos_id],
@@ -204,7 +217,7 @@ def _splice(rollouts: list[Rollout], i: int, j: int, sc_ids: list[int], eos_id: 
         o2_correct=b.o2_correct,
         source=(i, j),
         o1_len=len(a.o1),
-        reward=0.9 * r_prime + 0.1 * min(a.o1_format, b.o2_format),  # Eq. 6
+        reward=octopus_reward(r_prime, a.o1_format, b.o2_format),
     )
 
 
@@ -214,17 +227,47 @@ def _original(r: Rollout, i: int) -> Sample:
     )
 
 
-def candidate_pool(
-    rollouts: list[Rollout], *, same: bool = False
-) -> dict[str, list[tuple[int, int]]]:
-    """Every pair (i, j) with an o1 in rollout i and an o2 in rollout j, by kind (Alg. 1 step 2).
-    i = j pairs only with `same` (the released code keeps them; the paper does not)."""
-    pool: dict[str, list[tuple[int, int]]] = {"wc": [], "cc": [], "cw": [], "ww": []}
+def spliced_len(a: Rollout, b: Rollout, sc_len: int) -> int:
+    """Tokens of the spliced sample `a.o1 + SC + b.o2 + EOS`, with `sc_len` tokens of SC."""
+    return len(a.o1) + sc_len + len(b.o2) + 1
+
+
+def _pairs(rollouts: list[Rollout], same: bool) -> Iterator[tuple[int, int, Rollout, Rollout]]:
     for i, a in enumerate(rollouts):
         for j, b in enumerate(rollouts):
             if a.o1 is not None and b.o2 is not None and (i != j or same):
-                pool[transition_kind(a.o1_correct, b.o2_correct)].append((i, j))
+                yield i, j, a, b
+
+
+def candidate_pool(
+    rollouts: list[Rollout],
+    *,
+    same: bool = False,
+    max_len: int | None = None,
+    sc_len: int = 0,
+) -> dict[str, list[tuple[int, int]]]:
+    """Every pair (i, j) with an o1 in rollout i and an o2 in rollout j, by kind (Alg. 1 step 2).
+    i = j pairs only with `same` (the released code keeps them; the paper does not). With
+    `max_len`, pairs whose `spliced_len` (SC of `sc_len` tokens) exceeds it are left out."""
+    pool: dict[str, list[tuple[int, int]]] = {"wc": [], "cc": [], "cw": [], "ww": []}
+    for i, j, a, b in _pairs(rollouts, same):
+        if max_len is None or spliced_len(a, b, sc_len) <= max_len:
+            pool[transition_kind(a.o1_correct, b.o2_correct)].append((i, j))
     return pool
+
+
+def count_overlong(
+    rollouts: list[Rollout], sc_ids: list[int], max_len: int, *, mode: str = "paper"
+) -> int:
+    """How many candidates `splice_group(..., mode=mode, max_len=max_len)` left out of the pool
+    of this group because their spliced sample would exceed `max_len` tokens. O(n^2) length
+    sums over the group's n rollouts: cheap enough to log every step. 0 for mode "none"."""
+    if mode == "none":
+        return 0
+    return sum(
+        spliced_len(a, b, len(sc_ids)) > max_len
+        for _, _, a, b in _pairs(rollouts, mode == "released")
+    )
 
 
 def select_pairs(
@@ -269,30 +312,43 @@ def splice_group(
     *,
     mode: str = "paper",
     rng: random.Random | None = None,
+    max_len: int | None = None,
+    pad: bool | None = None,
 ) -> list[Sample]:
-    """The training group of one prompt (PAPER.md §3, Algorithm 1): the n originals first and
-    unchanged, then spliced samples `o1_i + sc_ids + o2_j + [eos_id]`, no pair twice.
+    """The training group of one prompt (arXiv 2602.08503, Sec. 3.2, Algorithm 1): the n
+    originals first and unchanged, then spliced samples `o1_i + sc_ids + o2_j + [eos_id]`, no
+    pair twice.
 
-    `mode`: "paper" (balance positives and negatives, w->c first; the group may end smaller than
-    `n_target` when the pool runs short, originals are never repeated), "released" (the
-    authors' code: quotas of (n - k) // 2 w->c and c->c, one c->w, then w->w, more c->w, the
-    rest; i = j pairs allowed; originals repeated to fill `n_target`), "random", "none".
+    `mode`: "paper" (balance positives and negatives, w->c first), "released" (the authors'
+    code: quotas of (n - k) // 2 w->c and c->c, one c->w, then w->w, more c->w, the rest;
+    i = j pairs allowed), "random", "none".
+
+    `max_len`: a candidate whose spliced sample (o1 + SC + o2 + EOS) is longer never enters
+    the pool, so the selection picks among the others; `count_overlong` says how many were
+    left out. o1 of one long rollout plus o2 of another can reach about twice the generation
+    limit (~12k tokens at the paper's 6144); the released code clips such samples, which cuts
+    off o2's answer that the sample's reward was computed on. None: no limit.
+
+    `pad` (default: True for "released" only): repeat originals until the group holds
+    `n_target` samples, as the released code does. Without it a short pool leaves a smaller
+    group: a duplicate carries no new information, yet it counts twice in the group's reward
+    mean and std and twice in the loss, so it silently up-weights the samples it repeats.
     """
     rng = rng if rng is not None else random.Random(0)
     n = len(rollouts)
     k = sum(r.final_correct for r in rollouts)
     group = [_original(r, i) for i, r in enumerate(rollouts)]
-    pool = candidate_pool(rollouts, same=mode == "released")
+    pool = candidate_pool(rollouts, same=mode == "released", max_len=max_len, sc_len=len(sc_ids))
     for i, j in select_pairs(pool, k, n, n_target, mode, rng):
         group.append(_splice(rollouts, i, j, sc_ids, eos_id))
-    if mode == "released":
-        while len(group) < n_target and n > 0:
+    if (mode == "released" if pad is None else pad) and n > 0:
+        while len(group) < n_target:
             group.append(group[(len(group) - n) % n])
     return group
 
 
 def loss_masks(sample: Sample, stage: str) -> tuple[list[int], list[int]]:
-    """Per-token `(policy_mask, kl_mask)` over `sample.ids` (PAPER.md §4, selective masking).
+    """Per-token `(policy_mask, kl_mask)` over `sample.ids` (Sec. 4.3, selective masking).
 
     Stage "1": o1 + SC get no policy gradient in every sample with a correction, and the KL to
     the reference covers the o1 tokens only. Stage "2": o1 + SC are masked only when o1 and o2

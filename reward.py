@@ -1,13 +1,19 @@
-"""Rule-based verifiable reward of Octopus (PAPER.md §2): answer extraction, safe equivalence,
-format, the shaped correction reward (Eq. 3, Eq. 6) with the released code's guards.
+"""Rule-based verifiable reward of Octopus (arXiv 2602.08503, Eq. 3 and Eq. 6): answer
+extraction, format, safe equivalence, and the shaped correction reward with the released code's
+guards. Self-contained (imports only `octopus.split_response`): copy it into another trainer.
 
-Model output is untrusted text. Nothing here evaluates it as code, and every item finishes in
-bounded time: box contents over `MAX_ANSWER_CHARS` score 0 unparsed; a fast eval-free path
-decides numbers, fractions, percents, units, choice letters and yes/no; only what is left goes
-to math-verify, in worker processes that the parent kills at a hard deadline (math-verify's own
+Read top-down: extraction -> format -> equivalence (an eval-free fast path) -> the rewards
+(Eq. 3 with guards, Eq. 6, the no-correction and baseline rewards) -> `score` / `score_batch`
+-> the math-verify worker pool that the fast path falls back to.
+
+Model output is untrusted text. Nothing here evaluates it as code; every parse of a response is
+linear in its length (no backtracking regex over model text); box contents over
+`MAX_ANSWER_CHARS` score 0 unparsed; only what the fast path leaves undecided goes to
+math-verify, in worker processes that the parent kills at a hard deadline (math-verify's own
 timeout is SIGALRM-based, so it does not fire in threads and gmpy2 factorials ignore it).
 
-Public API: `extract_boxed`, `is_equivalent`, `format_reward`, `score`, `score_batch`, `Score`.
+Public API: `extract_boxed`, `answer_of`, `format_reward`, `is_equivalent`,
+`correction_reward`, `octopus_reward`, `response_reward`, `score`, `score_batch`, `Score`.
 """
 
 from __future__ import annotations
@@ -29,11 +35,8 @@ MAX_EXPONENT = 400  # 1e999999999 must not become a billion-digit integer
 DEFAULT_TIMEOUT_S = 3.0
 WORKER_MEMORY_BYTES = 2 * 1024**3
 
-# Eq. 3: shaped reward r' on (acc(o1), acc(o2)).
-CORRECTION_REWARD = {(0, 1): 1.0, (1, 1): 0.75, (0, 0): 0.0, (1, 0): -0.25}
-
 # ---------------------------------------------------------------------------------------------
-# Extraction and format
+# Extraction: the last \boxed{...}, read after </think>
 # ---------------------------------------------------------------------------------------------
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -45,11 +48,13 @@ def boxed_span(text: str) -> tuple[int, int] | None:
     `text[content_start:close]` is the content and `close + 1` is just past its closing brace.
     Braces nest; escaped `\\{` `\\}` are literal and do not count. A last box left unclosed
     (truncated generation) means no answer: an earlier box is not a fallback for it.
+    One pass to find the last opening, one brace scan after it: linear in `len(text)`.
     """
-    starts = [m.end() for m in _BOXED_RE.finditer(text)]
-    if not starts:
+    start = None
+    for m in _BOXED_RE.finditer(text):
+        start = m.end()
+    if start is None:
         return None
-    start = starts[-1]
     depth, i, n = 1, start, len(text)
     while i < n:
         ch = text[i]
@@ -67,14 +72,14 @@ def boxed_span(text: str) -> tuple[int, int] | None:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` in `text` (braces nested), or None (PAPER.md §2)."""
+    """Content of the last `\\boxed{...}` in `text` (braces nested), or None."""
     span = boxed_span(text)
     return None if span is None else text[span[0] : span[1]]
 
 
 def answer_span(part: str) -> tuple[int, int] | None:
     """`boxed_span` of the box that answers one part (o1 or o2): the last box after `</think>`
-    when there is a `</think>`, else the last box (PAPER.md §2)."""
+    when there is a `</think>`, else the last box (the answer that acc of Eq. 3 grades)."""
     think_end = max(part.rfind("</think>"), 0)
     span = boxed_span(part[think_end:])
     return None if span is None else (span[0] + think_end, span[1] + think_end)
@@ -86,14 +91,34 @@ def answer_of(part: str) -> str | None:
     return None if span is None else part[span[0] : span[1]]
 
 
-_TAG_SPACE_RE = re.compile(r"\s*([</>])\s*")
+# ---------------------------------------------------------------------------------------------
+# Format: fmt(o) of Eq. 6
+# ---------------------------------------------------------------------------------------------
+
+_WHITESPACE_RUN_RE = re.compile(r"(\s+)")
+_TAG_CHARS = frozenset("</>")
+
+
+def strip_tag_whitespace(text: str) -> str:
+    """`text` without the whitespace runs that touch `<`, `/` or `>`.
+
+    Equal to the released code's `re.sub(r"\\s*([</>])\\s*", r"\\1", text)`, in linear time:
+    that regex retries its `\\s*` at every character of a whitespace run that no tag character
+    ends, which is quadratic (50 s for one answer holding 100k newlines).
+    """
+    # re.split with a group alternates text and maximal whitespace runs: runs at odd indices
+    pieces = _WHITESPACE_RUN_RE.split(text)
+    for i in range(1, len(pieces), 2):
+        if pieces[i - 1][-1:] in _TAG_CHARS or pieces[i + 1][:1] in _TAG_CHARS:
+            pieces[i] = ""
+    return "".join(pieces)
 
 
 def format_reward(part: str) -> float:
-    """fmt(o) of PAPER.md §2: 1.0 if `o` has exactly one `<think>` and one `</think>` and reads
+    """fmt(o) of Eq. 6: 1.0 if `o` has exactly one `<think>` and one `</think>` and reads
     `<think>.*</think>.*\\boxed{.*}.*`, else 0.0. Whitespace around `<`, `>`, `/` is removed
     first, as in the released code. Linear time (no backtracking regex over model text)."""
-    s = _TAG_SPACE_RE.sub(r"\1", part.strip())
+    s = strip_tag_whitespace(part.strip())
     if s.count("<think>") != 1 or s.count("</think>") != 1 or not s.startswith("<think>"):
         return 0.0
     after = s[s.index("</think>") + len("</think>") :]
@@ -102,7 +127,7 @@ def format_reward(part: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Equivalence: a fast eval-free path, then math-verify behind a process boundary
+# Equivalence: acc of Eq. 3, an eval-free fast path, then math-verify behind a process boundary
 # ---------------------------------------------------------------------------------------------
 
 _LATEX_WRAPPERS_RE = re.compile(
@@ -213,7 +238,7 @@ def _fast_equivalent(pred: str, truth: str) -> bool | None:
 
 
 def is_equivalent(pred: str, truth: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """acc of PAPER.md §2 for one extracted answer: safe (never evaluates `pred`), bounded time.
+    """acc of Eq. 3 for one extracted answer: safe (never evaluates `pred`), bounded time.
 
     Answers over `MAX_ANSWER_CHARS` or containing NUL are wrong unparsed; a math-verify check
     that passes its deadline is wrong (and counted in `grader_stats()`).
@@ -235,6 +260,132 @@ def _equivalent_many(pairs: list[tuple[str, str]], *, workers: int, timeout_s: f
         slow = dict(zip(pending, _grader_pool(workers).run(pending, timeout_s), strict=True))
         results = [slow[pairs[i]] if r is None else r for i, r in enumerate(results)]
     return [bool(r) for r in results]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards: Eq. 3 with guards, Eq. 6, the no-correction reward, the baseline reward
+# ---------------------------------------------------------------------------------------------
+
+# Eq. 3: shaped reward r' on (acc(o1), acc(o2)).
+CORRECTION_REWARD = {(0, 1): 1.0, (1, 1): 0.75, (0, 0): 0.0, (1, 0): -0.25}
+REWARD_KINDS = ("octopus", "baseline")
+
+
+def guarded_correction_reward(
+    acc_o1: float, acc_o2: float, *, identical: bool, o1_answered: bool, o2_format: float
+) -> float:
+    """r' of Eq. 3 capped by the released code's guards against reward hacking: o1 identical
+    to o2 caps at 0.5; o1 without a (non-empty) box caps at 0; fmt(o2) = 0 caps at 0.5.
+    Takes the facts, not the texts, so spliced samples that exist only as ids use it too."""
+    r = CORRECTION_REWARD[(int(acc_o1), int(acc_o2))]
+    if identical:
+        r = min(r, 0.5)
+    if not o1_answered:
+        r = min(r, 0.0)
+    if o2_format == 0.0:
+        r = min(r, 0.5)
+    return r
+
+
+def correction_reward(o1: str, o2: str, acc_o1: float, acc_o2: float) -> float:
+    """`guarded_correction_reward` of two part texts.
+
+    The released split leaves `<self-correction>` inside o1 so its identity guard never fires;
+    this one compares the stripped texts, which is the guard's intent.
+    """
+    return guarded_correction_reward(
+        acc_o1,
+        acc_o2,
+        identical=o1.strip() == o2.strip(),
+        o1_answered=bool((answer_of(o1) or "").strip()),
+        o2_format=format_reward(o2),
+    )
+
+
+def octopus_reward(r_prime: float, fmt_o1: float, fmt_o2: float) -> float:
+    """Eq. 6, the training reward of a response with a correction:
+    `0.9 r' + 0.1 min(fmt(o1), fmt(o2))`, with r' from `guarded_correction_reward`."""
+    return 0.9 * r_prime + 0.1 * min(fmt_o1, fmt_o2)
+
+
+@dataclass(frozen=True)
+class Score:
+    """The graded response: `reward` trains, the rest is logged."""
+
+    reward: float
+    format: float  # min(fmt(o1), fmt(o2)) with a correction, fmt of the graded part without
+    acc_o1: float
+    acc_o2: float | None  # None without a correction
+    acc_final: float
+    has_correction: bool
+
+
+def response_reward(
+    o1: str, o2: str | None, acc_o1: bool, acc_o2: bool, *, kind: str = "octopus"
+) -> Score:
+    """The reward of one split response, given the correctness of its parts.
+
+    `kind="octopus"`: Eq. 6 (`octopus_reward`) with the guards when there is a correction;
+    without one, the released code's `0.9 (acc - 0.5) + 0.1 fmt` (Eq. 6 needs two parts, and
+    centring keeps a plain right answer below a w->c correction). `kind="baseline"` (GRPO /
+    DAPO / GSPO and validation): `0.9 acc + 0.1 fmt` of the final part, o2 when present.
+    """
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"reward kind must be 'octopus' or 'baseline', got {kind!r}")
+    a1 = float(acc_o1)
+    a2 = None if o2 is None else float(acc_o2)
+    if kind == "baseline":
+        final, acc_final = (o1, a1) if o2 is None else (o2, a2)
+        fmt = format_reward(final)
+        return Score(0.9 * acc_final + 0.1 * fmt, fmt, a1, a2, acc_final, o2 is not None)
+    if o2 is None:
+        fmt = format_reward(o1)
+        return Score(0.9 * (a1 - 0.5) + 0.1 * fmt, fmt, a1, None, a1, False)
+    fmt_o1, fmt_o2 = format_reward(o1), format_reward(o2)
+    reward = octopus_reward(correction_reward(o1, o2, a1, a2), fmt_o1, fmt_o2)
+    return Score(reward, min(fmt_o1, fmt_o2), a1, a2, a2, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring responses: split, extract, grade, reward
+# ---------------------------------------------------------------------------------------------
+
+
+def score(response: str, ground_truth: str, *, kind: str = "octopus") -> Score:
+    """Grade one response: `response_reward` of its parts, each part's answer checked against
+    `ground_truth`. A malformed response scores low, never raises."""
+    return score_batch([response], [ground_truth], kind=kind, workers=1)[0]
+
+
+def score_batch(
+    responses: list[str],
+    ground_truths: list[str],
+    *,
+    kind: str = "octopus",
+    workers: int = 2,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[Score]:
+    """`score` over a batch: the fast path in this process, the rest across `workers` grader
+    processes with a hard per-item deadline of `timeout_s` seconds. Linear in the length of
+    every response, so a degenerate one (a 1M-character whitespace run) costs milliseconds."""
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"reward kind must be 'octopus' or 'baseline', got {kind!r}")
+    parts = [split_response(r) for r in responses]
+    pairs, where = [], []
+    for i, (o1, o2) in enumerate(parts):
+        for which, part in ((1, o1), (2, o2)):
+            answer = answer_of(part) if part is not None else None
+            if answer:  # a missing or empty box is simply wrong
+                where.append((i, which))
+                pairs.append((answer, str(ground_truths[i])))
+    verdicts = _equivalent_many(pairs, workers=workers, timeout_s=timeout_s)
+    acc = dict(zip(where, verdicts, strict=True))
+    return [
+        response_reward(o1, o2, acc.get((i, 1), False), acc.get((i, 2), False), kind=kind)
+        for i, (o1, o2) in enumerate(parts)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,106 +535,6 @@ def _grader_pool(workers: int) -> _GraderPool:
 def grader_stats() -> dict[str, int]:
     """How many items went to math-verify in this process, and how many hit the deadline."""
     return {"graded": _POOL.graded if _POOL else 0, "timeouts": _POOL.timeouts if _POOL else 0}
-
-
-# ---------------------------------------------------------------------------------------------
-# Rewards: Eq. 3 / Eq. 6 with guards, the no-correction reward, the baseline reward
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Score:
-    """The graded response: `reward` trains, the rest is logged."""
-
-    reward: float
-    format: float  # min(fmt(o1), fmt(o2)) with a correction, fmt of the graded part without
-    acc_o1: float
-    acc_o2: float | None  # None without a correction
-    acc_final: float
-    has_correction: bool
-
-
-def correction_reward(o1: str, o2: str, acc_o1: float, acc_o2: float) -> float:
-    """r' of Eq. 3 with the released code's guards against reward hacking (PAPER.md §2):
-    o1 == o2 caps at 0.5; o1 without a (non-empty) box caps at 0; fmt(o2) = 0 caps at 0.5.
-
-    The released split leaves `<self-correction>` inside o1 so its identity guard never fires;
-    this one compares the stripped texts, which is the guard's intent.
-    """
-    return guarded_correction_reward(
-        acc_o1,
-        acc_o2,
-        identical=o1.strip() == o2.strip(),
-        o1_answered=bool((answer_of(o1) or "").strip()),
-        o2_format=format_reward(o2),
-    )
-
-
-def guarded_correction_reward(
-    acc_o1: float, acc_o2: float, *, identical: bool, o1_answered: bool, o2_format: float
-) -> float:
-    """`correction_reward` from precomputed facts, for spliced samples that exist only as ids."""
-    r = CORRECTION_REWARD[(int(acc_o1), int(acc_o2))]
-    if identical:
-        r = min(r, 0.5)
-    if not o1_answered:
-        r = min(r, 0.0)
-    if o2_format == 0.0:
-        r = min(r, 0.5)
-    return r
-
-
-def _combine(o1: str, o2: str | None, acc1: bool, acc2: bool, kind: str) -> Score:
-    a1 = float(acc1)
-    if kind == "baseline":
-        final, acc_final = (o1, a1) if o2 is None else (o2, float(acc2))
-        fmt = format_reward(final)
-        acc_o2 = None if o2 is None else float(acc2)
-        return Score(0.9 * acc_final + 0.1 * fmt, fmt, a1, acc_o2, acc_final, o2 is not None)
-    if kind != "octopus":
-        raise ValueError(f"reward kind must be 'octopus' or 'baseline', got {kind!r}")
-    if o2 is None:  # released code: no correction is scored around 0 (Eq. 6 needs two parts)
-        fmt = format_reward(o1)
-        return Score(0.9 * (a1 - 0.5) + 0.1 * fmt, fmt, a1, None, a1, False)
-    a2 = float(acc2)
-    fmt = min(format_reward(o1), format_reward(o2))
-    reward = 0.9 * correction_reward(o1, o2, a1, a2) + 0.1 * fmt  # Eq. 6
-    return Score(reward, fmt, a1, a2, a2, True)
-
-
-def score(response: str, ground_truth: str, *, kind: str = "octopus") -> Score:
-    """Grade one response (PAPER.md §2). `kind="octopus"`: Eq. 6 with guards, and
-    `0.9 (acc - 0.5) + 0.1 fmt` without a correction; `kind="baseline"`: `0.9 acc + 0.1 fmt`
-    on the final part (o2 when present). A malformed response scores low, never raises."""
-    return score_batch([response], [ground_truth], kind=kind, workers=1)[0]
-
-
-def score_batch(
-    responses: list[str],
-    ground_truths: list[str],
-    *,
-    kind: str = "octopus",
-    workers: int = 2,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> list[Score]:
-    """`score` over a batch: the fast path in this process, the rest across `workers` grader
-    processes with a hard per-item deadline of `timeout_s` seconds."""
-    if len(responses) != len(ground_truths):
-        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
-    parts = [split_response(r) for r in responses]
-    pairs, where = [], []
-    for i, (o1, o2) in enumerate(parts):
-        for which, part in ((1, o1), (2, o2)):
-            answer = answer_of(part) if part is not None else None
-            if answer:  # a missing or empty box is simply wrong
-                where.append((i, which))
-                pairs.append((answer, str(ground_truths[i])))
-    verdicts = _equivalent_many(pairs, workers=workers, timeout_s=timeout_s)
-    acc = dict(zip(where, verdicts, strict=True))
-    return [
-        _combine(o1, o2, acc.get((i, 1), False), acc.get((i, 2), False), kind)
-        for i, (o1, o2) in enumerate(parts)
-    ]
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--grade-worker"]:

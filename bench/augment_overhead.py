@@ -1,11 +1,13 @@
-"""Time to build rollouts and splice groups for one RL step (PAPER.md §7 batch shape):
-512 prompts x 8 rollouts of ~2k tokens each, with the tiny tokenizer (issue: augment.py).
+"""Time to build rollouts and splice groups for one RL step (the batch shape of the paper's
+experimental setup, arXiv 2602.08503): 512 prompts x 8 rollouts of ~2k tokens each, with the
+tiny tokenizer (issue: augment.py).
 
-Usage: python bench/augment_overhead.py [PROMPTS] [TOKENS]
+Usage: python bench/augment_overhead.py [--prompts 512] [--tokens 2048]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import sys
@@ -31,8 +33,11 @@ def fake_response(rng: random.Random, tokens: int) -> str:
 
 
 def main() -> None:
-    prompts = int(sys.argv[1]) if len(sys.argv) > 1 else 512
-    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=512, help="prompts per step")
+    parser.add_argument("--tokens", type=int, default=2048, help="about this many per rollout")
+    args = parser.parse_args()
+    prompts, tokens = args.prompts, args.tokens
     n, n_train = 8, 16
     from transformers import AutoTokenizer
 

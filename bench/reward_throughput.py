@@ -1,12 +1,17 @@
-"""Responses scored per second by `reward.score_batch` on 10k mixed responses (issue: foundation).
+"""Responses scored per second by `reward.score_batch` on 10k mixed responses (issue: foundation),
+and on degenerate ones (issue 12.1: everything that reads model text is linear in its length).
 
 Mixed as a real batch is: most answers decided by the eval-free fast path (numbers, fractions,
 letters, words), some LaTeX expressions that go to the math-verify workers, malformed and
-adversarial ones, half with a self-correction. Usage: python bench/reward_throughput.py [N]
+adversarial ones, half with a self-correction. Degenerate: what a policy collapsing into
+whitespace or repeated tags writes, each response `--degenerate-chars` long.
+
+Usage: python bench/reward_throughput.py [--responses 10000] [--degenerate-chars 100000]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import sys
@@ -44,8 +49,32 @@ def make_batch(n: int, seed: int = 0, slow: bool = True) -> tuple[list[str], lis
     return responses, truths
 
 
+def degenerate_batch(chars: int) -> dict[str, str]:
+    """Degenerate responses of about `chars` characters each, by name."""
+    return {
+        "whitespace run": " \t\r\n" * (chars // 4),
+        "newlines": "\n" * chars,
+        "newlines inside the thinking": "<think>x" + "\n" * chars + "x</think>\\boxed{1}",
+        "spaces in o1 and o2": "<think>" + " " * (chars // 2) + "</think>\\boxed{1}" + SC
+        + "<think>" + " " * (chars // 2) + "</think>\\boxed{2}",
+        "<think> repeated": "<think>" * (chars // 7),
+        "'< / > ' repeated": "< / > " * (chars // 6),
+        "\\boxed{ repeated": "\\boxed{" * (chars // 7),
+        "{ run": "{" * chars,
+        "<self-correction> repeated": "<self-correction>" * (chars // 17),
+        "SC repeated": ("x" + SC) * (chars // 41),
+        "one letter": "a" * chars,
+    }  # fmt: skip
+
+
 def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--responses", type=int, default=10_000, help="mixed responses per row")
+    parser.add_argument(
+        "--degenerate-chars", type=int, default=100_000, help="length of each degenerate response"
+    )
+    args = parser.parse_args()
+    n = args.responses
     score_batch(*make_batch(50), workers=2)  # start the workers outside the clock
     rows = []
     for mix, slow in (("with LaTeX expressions", True), ("fast path only", False)):
@@ -59,12 +88,29 @@ def main() -> None:
             rows.append((mix, workers, n, dt, n / dt, after["graded"] - before["graded"],
                          after["timeouts"] - before["timeouts"]))  # fmt: skip
     assert len(scores) == n
-    print(f"machine: {os.cpu_count()} cores, {sys.platform}; {n} responses, ~"
-          f"{sum(map(len, responses)) // n} chars each")  # fmt: skip
+    mean_chars = sum(map(len, responses)) // n
+
+    degenerate = degenerate_batch(args.degenerate_chars)
+    slowest = ("", 0.0)
+    before = grader_stats()
+    t = time.perf_counter()
+    for name, text in degenerate.items():  # one at a time, to name the slowest
+        item = time.perf_counter()
+        score_batch([text], ["1"], workers=2)
+        slowest = max(slowest, (name, time.perf_counter() - item), key=lambda x: x[1])
+    dt = time.perf_counter() - t
+    after = grader_stats()
+    mix = f"degenerate, {args.degenerate_chars // 1000}k chars each"
+    rows.append((mix, 2, len(degenerate), dt, len(degenerate) / dt,
+                 after["graded"] - before["graded"], after["timeouts"] - before["timeouts"]))  # fmt: skip
+
+    print(f"machine: {os.cpu_count()} cores, {sys.platform}; {n} mixed responses, ~"
+          f"{mean_chars} chars each; {len(degenerate)} degenerate ones")  # fmt: skip
     print("| mix | workers | responses | seconds | responses/s | math-verify items | timeouts |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for mix, w, n_, dt, rate, graded, timeouts in rows:
         print(f"| {mix} | {w} | {n_} | {dt:.2f} | {rate:.0f} | {graded} | {timeouts} |")
+    print(f"slowest degenerate response: {slowest[0]}, {1000 * slowest[1]:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Correction splicing (Algorithm 1) and selective masks (PAPER.md §3-4)."""
+"""Correction splicing (arXiv 2602.08503, Sec. 3.2, Algorithm 1) and selective masks
+(Sec. 4.3)."""
 
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -10,12 +12,15 @@ from hypothesis import strategies as st
 from augment import (
     Rollout,
     Sample,
+    count_overlong,
     loss_masks,
     make_rollout,
     splice_group,
+    spliced_len,
     transition_counts,
 )
 from octopus import SC
+from reward import score_batch
 
 SC_IDS = [900, 901, 902]
 EOS = 999
@@ -132,6 +137,18 @@ def test_empty_pool_released_repeats_originals():
     assert all(s.kind == "original" for s in released)
 
 
+def test_pad_flag_changes_the_group_size():
+    # no rollout has an o2: the pool is empty, so only padding can fill the group
+    rollouts = [fake(i, i % 2 == 0, None) for i in range(4)]
+    padded = splice_group(rollouts, 8, SC_IDS, EOS, mode="paper", pad=True)
+    assert [s.source for s in padded] == [(i, i) for i in range(4)] * 2
+    assert len(splice_group(rollouts, 8, SC_IDS, EOS, mode="released", pad=False)) == 4
+    # short pool: 3 candidates for 4 places; padding repeats original 3 (index (7 - 4) % 4)
+    short = [fake(0, False, True), fake(1, True, None), fake(2, False, None), fake(3, False, None)]
+    group = splice_group(short, 8, SC_IDS, EOS, mode="paper", rng=random.Random(0), pad=True)
+    assert len(group) == 8 and group[7].kind == "original" and group[7].source == (3, 3)
+
+
 def test_released_mode_quota_order():
     rollouts = pattern(4, 2)  # k = 2: quota (4-2)//2 = 1 wc, 1 cc, then one cw, then ww
     group = splice_group(rollouts, 8, SC_IDS, EOS, mode="released", rng=random.Random(3))
@@ -156,6 +173,120 @@ def test_spliced_reward_is_eq6_with_guards():
     by_source = {s.source: s for s in group}
     assert by_source[(0, 1)].reward == pytest.approx(0.9 * 1.0 + 0.1)  # w->c
     assert by_source[(1, 0)].reward == pytest.approx(0.9 * -0.25 + 0.0)  # c->w, fmt(o2) = 0
+
+
+# --------------------------------------------------------------------------- max_len
+
+
+def long_pattern() -> list[Rollout]:
+    """pattern(4, 2) (k = 2) where rollout 0's o2 has 10 tokens and rollout 1's o1 has 8.
+
+    Spliced lengths (o1 + 3 SC + o2 + EOS): 2 + 3 + 3 + 1 = 9 for ordinary pairs, 16 for
+    (i, 0), 15 for (1, j), 22 for (1, 0).
+    """
+    rollouts = pattern(4, 2)
+    rollouts[0].o2 = list(range(500, 510))
+    rollouts[1].o1 = list(range(600, 608))
+    return rollouts
+
+
+def test_spliced_len_hand_worked():
+    r = long_pattern()
+    assert spliced_len(r[2], r[3], len(SC_IDS)) == 9
+    assert spliced_len(r[2], r[0], len(SC_IDS)) == 16
+    assert spliced_len(r[1], r[2], len(SC_IDS)) == 15
+    assert spliced_len(r[1], r[0], len(SC_IDS)) == 22
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_max_len_keeps_overlong_candidates_out_of_the_pool(seed):
+    rollouts = long_pattern()
+    rng = random.Random(seed)
+    # Pool i != j: wc (0,1) (2,0) (2,1); cc (1,0) (3,0) (3,1); cw (1,2) (1,3) (3,2);
+    # ww (0,2) (0,3) (2,3). max_len 9 drops every (i, 0) and every (1, j): 5 pairs, two wc
+    # survive and the quota (16 // 2 - 2 = 2 positives) takes exactly those.
+    assert count_overlong(rollouts, SC_IDS, 9) == 5
+    group = splice_group(rollouts, 8, SC_IDS, EOS, mode="paper", rng=rng, max_len=9)
+    check_spliced(group, rollouts)
+    assert len(group) == 8
+    spliced = group[4:]
+    assert all(len(s.ids) <= 9 for s in spliced)
+    assert sorted(s.source for s in spliced if s.o2_correct) == [(0, 1), (2, 1)]
+    assert {s.source for s in spliced if not s.o2_correct} <= {(3, 2), (0, 2), (0, 3), (2, 3)}
+    # without a limit the same seed may pick a 16- or 22-token sample: the limit matters
+    unlimited = splice_group(rollouts, 8, SC_IDS, EOS, mode="paper", rng=random.Random(seed))
+    assert len(unlimited) == 8
+
+
+def test_max_len_boundary_and_empty_pool():
+    rollouts = long_pattern()
+    # 15 is the limit: (1, j) of length 15 stays; (i, 0) of 16 and (1, 0) of 22 go
+    assert count_overlong(rollouts, SC_IDS, 15) == 3
+    group = splice_group(rollouts, 16, SC_IDS, EOS, mode="random", max_len=15)
+    assert {s.source for s in group[4:]} == {
+        (0, 1), (2, 1), (3, 1), (1, 2), (1, 3), (3, 2), (0, 2), (0, 3), (2, 3)
+    }  # fmt: skip
+    # 8 is below every spliced length: nothing enters, the paper group keeps its originals
+    assert count_overlong(rollouts, SC_IDS, 8) == 12
+    assert len(splice_group(rollouts, 8, SC_IDS, EOS, max_len=8)) == 4
+    padded = splice_group(rollouts, 8, SC_IDS, EOS, max_len=8, pad=True)
+    assert [s.source for s in padded] == [(i, i) for i in range(4)] * 2
+    assert count_overlong(rollouts, SC_IDS, 8, mode="none") == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_max_len_released_mode_counts_same_pairs(seed):
+    rollouts = long_pattern()
+    # released pool adds i = j: (0,0) (16 tokens) and (1,1) (15) are overlong at 9 as well
+    assert count_overlong(rollouts, SC_IDS, 9, mode="released") == 7
+    rng = random.Random(seed)
+    group = splice_group(rollouts, 8, SC_IDS, EOS, mode="released", rng=rng, max_len=9)
+    check_spliced(group, rollouts, allow_same=True)
+    # the 9 short pairs: wc (0,1) (2,1); cc (3,1); cw (3,2) (3,3); ww (0,2) (0,3) (2,2) (2,3).
+    # Quota (4 - 2) // 2 = 1: one wc, the one cc, one cw, then one ww.
+    assert [s.kind for s in group[4:]] == ["wc", "cc", "cw", "ww"]
+    assert group[4].source in ((0, 1), (2, 1)) and group[5].source == (3, 1)
+    assert all(len(s.ids) <= 9 for s in group[4:])
+
+
+@st.composite
+def sized_groups(draw):
+    """Rollouts with random part lengths, a random limit and target."""
+    n = draw(st.integers(1, 6))
+    rollouts = []
+    for i in range(n):
+        o1, o2 = draw(part), draw(part)
+        r = fake(i, o1, o2)
+        if r.o1 is not None:
+            r.o1 = [10 * i + 1] * draw(st.integers(1, 6))
+        if r.o2 is not None:
+            r.o2 = [10 * i + 5] * draw(st.integers(1, 6))
+        rollouts.append(r)
+    return (
+        rollouts,
+        draw(st.integers(0, 20)),
+        draw(st.sampled_from([n, 2 * n])),
+        draw(st.integers()),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(sized_groups(), st.sampled_from(["paper", "released", "random"]))
+def test_max_len_invariants(g, mode):
+    rollouts, max_len, n_target, seed = g
+    n, same = len(rollouts), mode == "released"
+    pairs = [(i, j) for i, a in enumerate(rollouts) for j, b in enumerate(rollouts)
+             if a.o1 is not None and b.o2 is not None and (i != j or same)]  # fmt: skip
+    lengths = {(i, j): len(rollouts[i].o1) + 3 + len(rollouts[j].o2) + 1 for i, j in pairs}
+    fitting = [p for p in pairs if lengths[p] <= max_len]
+    assert count_overlong(rollouts, SC_IDS, max_len, mode=mode) == len(pairs) - len(fitting)
+    group = splice_group(
+        rollouts, n_target, SC_IDS, EOS, mode=mode, rng=random.Random(seed), max_len=max_len
+    )
+    check_spliced(group, rollouts, allow_same=same)
+    spliced = [s for s in group[n:] if s.kind != "original"]
+    assert all(len(s.ids) <= max_len for s in spliced)
+    assert len(spliced) == min(max(n_target - n, 0), len(fitting))
 
 
 # --------------------------------------------------------------------------- masks
@@ -302,6 +433,66 @@ def test_no_correction_and_missing_boxes(tokenizer):
     ids = tokenizer.encode(O1, add_special_tokens=False)
     r = make_rollout(ids, tokenizer, "3")
     assert r.sc_at is None and r.o2 is None and r.final_correct and r.o1_len == len(ids)
+
+
+M = 1_000_000
+O1_NL = "<think>x" + "\n" * (M // 2) + "x</think>\\boxed{1}"
+O2_SP = "<think>" + " " * (M // 2) + "</think>\\boxed{2}"
+# 1M-character degenerate responses through scoring and make_rollout with the tiny tokenizer,
+# and what the rollout must hold: (o1 kept, o2 kept, has SC, o1 correct, o2 correct).
+DEGENERATE = {
+    "whitespace run": (" \t\r\n" * (M // 4), (False, False, False, False, False)),
+    "newlines": ("\n" * M, (False, False, False, False, False)),
+    "<think> repeated": ("<think>" * (M // 7), (False, False, False, False, False)),
+    "'< / > ' repeated": ("< / > " * (M // 6), (False, False, False, False, False)),
+    "\\boxed{ repeated": ("\\boxed{" * (M // 7), (False, False, False, False, False)),
+    "{ run": ("{" * M, (False, False, False, False, False)),
+    "<self-correction> repeated": ("<self-correction>" * (M // 17), (False,) * 5),
+    "one letter": ("a" * M, (False, False, False, False, False)),
+    "one letter, answered": ("<think>" + "a" * M + "</think>\\boxed{1}", (True, False, False, True, False)),
+    "runs in o1 and o2": (O1_NL + SC + O2_SP, (True, True, True, True, False)),
+    "SC repeated": (("x" + SC) * (M // 40), (False, False, True, False, False)),
+    # U+FFFD spelled in valid UTF-8: the byte offsets stay exact (the fast path)
+    "replacement characters": ("\ufffd" * (M // 2) + SC + "\ufffd" * (M // 2), (False, False, True, False, False)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(DEGENERATE))
+def test_degenerate_million_char_responses_make_rollout_in_linear_time(tokenizer, name):
+    text, (has_o1, has_o2, has_sc, o1_ok, o2_ok) = DEGENERATE[name]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = tokenizer.encode(text, add_special_tokens=False) + [eos]
+    t = time.monotonic()
+    graded = score_batch([tokenizer.decode(ids, skip_special_tokens=True)], ["1"])[0]
+    r = make_rollout(ids, tokenizer, "1", graded=graded)
+    assert time.monotonic() - t < 20.0  # linear: ~1 s; a quadratic step: hours
+    assert (r.o1 is not None, r.o2 is not None, r.sc_at is not None) == (has_o1, has_o2, has_sc)
+    assert (r.o1_correct, r.o2_correct) == (o1_ok, o2_ok)
+    assert r.reward == graded.reward and r.ids == ids
+    if has_sc:
+        assert tokenizer.decode(ids[: r.sc_at]).endswith("</self-correction>\n\n")
+    if name == "runs in o1 and o2":  # the cut parts are the exact texts, encoded
+        assert tokenizer.decode(r.o1) == O1_NL and tokenizer.decode(r.o2) == O2_SP
+
+
+def test_invalid_utf8_million_tokens_fall_back_exactly(tokenizer):
+    """Sampled bytes that are not UTF-8 (a lone 0x80 per token, decoded as U+FFFD): per-token
+    byte offsets are not exact, so sc_at comes from O(log n) prefix decodes, still exact."""
+    import augment
+
+    lone = tokenizer.convert_tokens_to_ids("Ģ")  # byte-level BPE's spelling of byte 0x80
+    sc_ids = tokenizer.encode(SC, add_special_tokens=False)
+    half = M // 2
+    ids = [lone] * half + sc_ids + [lone] * half
+    text = tokenizer.decode(ids)
+    assert text == "\ufffd" * half + SC + "\ufffd" * half
+    assert augment._byte_ends(tokenizer, ids, text) is None
+    literal = tokenizer.encode("\ufffd" * 3 + SC, add_special_tokens=False)
+    assert augment._byte_ends(tokenizer, literal, tokenizer.decode(literal)) is not None
+    t = time.monotonic()
+    r = make_rollout(ids, tokenizer, "1")
+    assert time.monotonic() - t < 20.0  # ~2 * 20 prefix decodes of 1M tokens: ~4 s
+    assert (r.sc_at, r.o1_len, r.o1, r.o2) == (half + len(sc_ids), half, None, None)
 
 
 def test_byte_offsets_agree_with_prefix_decodes(tokenizer):

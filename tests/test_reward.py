@@ -1,8 +1,12 @@
-"""Rule-based reward (PAPER.md §2): extraction, equivalence, format, Eq. 3 / Eq. 6 and guards."""
+"""Rule-based reward (arXiv 2602.08503, Eq. 3 and Eq. 6): extraction, equivalence, format,
+the guards, and linear time on degenerate model text."""
 
+import re
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from octopus import SC
 from reward import (
@@ -12,8 +16,11 @@ from reward import (
     format_reward,
     grader_stats,
     is_equivalent,
+    octopus_reward,
+    response_reward,
     score,
     score_batch,
+    strip_tag_whitespace,
 )
 
 GOOD_W = "<think>try</think>\n\\boxed{3}"  # well-formed, wrong against truth "4"
@@ -77,6 +84,56 @@ def test_format_reward(part, expected):
     assert format_reward(part) == expected
 
 
+# The released code's normalisation, kept here as the reference the linear scan must equal.
+_RELEASED_TAG_SPACE_RE = re.compile(r"\s*([</>])\s*")
+
+
+def _released_format_reward(part: str) -> float:
+    s = _RELEASED_TAG_SPACE_RE.sub(r"\1", part.strip())
+    if s.count("<think>") != 1 or s.count("</think>") != 1 or not s.startswith("<think>"):
+        return 0.0
+    after = s[s.index("</think>") + len("</think>") :]
+    box = after.find("\\boxed{")
+    return 1.0 if box >= 0 and "}" in after[box + len("\\boxed{") :] else 0.0
+
+
+# ASCII and Unicode whitespace (\x1c, \x85, NBSP, U+2028, U+3000 are all `\s` in Python)
+_FORMAT_ALPHABET = " \n\t\r\x0b\x0c\x1c\x85\xa0\u2028\u3000</>ab{}"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=_FORMAT_ALPHABET, max_size=40))
+def test_strip_tag_whitespace_equals_released_regex(text):
+    assert strip_tag_whitespace(text) == _RELEASED_TAG_SPACE_RE.sub(r"\1", text)
+
+
+_TAGGY = st.lists(
+    st.sampled_from(["<think>", "</think>", "\\boxed{", "}", "< think >", "</ think>", " ", "\n"])
+    | st.text(alphabet=_FORMAT_ALPHABET, max_size=4),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_TAGGY)
+def test_format_reward_equals_released_on_tag_soup(part):
+    assert format_reward(part) == _released_format_reward(part)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a \n b", "a \n b"),  # a run between two letters stays
+        ("a \n< b", "a<b"),  # a run touching a tag character goes, on both sides
+        ("x / y > z", "x/y>z"),
+        ("  <  ", "<"),
+        ("", ""),
+    ],
+)
+def test_strip_tag_whitespace_examples(text, expected):
+    assert strip_tag_whitespace(text) == expected
+
+
 # --------------------------------------------------------------------------- Eq. 3 / Eq. 6
 
 
@@ -120,6 +177,28 @@ def test_guard_malformed_o2_caps_at_half():
     s = score(sc(GOOD_W, "the answer is \\boxed{4}"), "4")  # w->c but o2 has no <think>
     assert (s.acc_o2, s.format) == (1.0, 0.0)
     assert s.reward == pytest.approx(0.9 * 0.5)
+
+
+@pytest.mark.parametrize(
+    "r_prime, fmt_o1, fmt_o2, expected",
+    [
+        (1.0, 1.0, 1.0, 1.0),
+        (0.75, 1.0, 0.0, 0.675),
+        (-0.25, 0.0, 1.0, -0.225),
+        (0.0, 1.0, 1.0, 0.1),
+    ],
+)
+def test_octopus_reward_is_eq6(r_prime, fmt_o1, fmt_o2, expected):
+    assert octopus_reward(r_prime, fmt_o1, fmt_o2) == pytest.approx(expected)
+
+
+def test_response_reward_from_parts():
+    # the reward of already-split parts, without any grading: c->w, both well-formed
+    s = response_reward(GOOD_C, GOOD_W, True, False)
+    assert s == Score(pytest.approx(0.9 * -0.25 + 0.1), 1.0, 1.0, 0.0, 0.0, True)
+    assert response_reward(GOOD_C, None, True, False, kind="baseline").reward == 1.0
+    with pytest.raises(ValueError, match="reward kind"):
+        response_reward(GOOD_C, None, True, False, kind="grpo")
 
 
 def test_no_correction_reward_is_centred():
@@ -294,3 +373,44 @@ def test_malformed_responses_never_crash_scoring():
     ]
     for s in score_batch(junk, ["1"] * len(junk)):
         assert -0.5 <= s.reward <= 1.0
+
+
+# --------------------------------------------------------------------------- linear time
+
+M = 1_000_000
+NO_ANSWER = Score(pytest.approx(0.9 * (0.0 - 0.5)), 0.0, 0.0, None, 0.0, False)
+# 1M-character degenerate responses and their hand-worked scores against truth "1". A
+# quadratic parse of any of them takes hours; a linear one well under a second.
+DEGENERATE = {
+    "whitespace run": (" \t\r\n" * (M // 4), NO_ANSWER),
+    "newlines": ("\n" * M, NO_ANSWER),
+    "<think> repeated": ("<think>" * (M // 7), NO_ANSWER),
+    "'< / > ' repeated": ("< / > " * (M // 6), NO_ANSWER),
+    "\\boxed{ repeated": ("\\boxed{" * (M // 7), NO_ANSWER),  # every box unclosed
+    "{ run": ("{" * M, NO_ANSWER),
+    "<self-correction> repeated": ("<self-correction>" * (M // 17), NO_ANSWER),  # never closed
+    "one letter": ("a" * M, NO_ANSWER),
+    # the issue's case (50 s at 100k newlines with the released regex): right and well-formed
+    "newlines inside the thinking": (
+        "<think>x" + "\n" * M + "x</think>\\boxed{1}",
+        Score(pytest.approx(0.9 * 0.5 + 0.1), 1.0, 1.0, None, 1.0, False),
+    ),
+    # c->w with whitespace runs in both parts: Eq. 6 = 0.9 * -0.25 + 0.1 * min(1, 1)
+    "runs in o1 and o2": (
+        "<think>x" + "\n" * (M // 2) + "x</think>\\boxed{1}" + SC
+        + "<think>" + " " * (M // 2) + "</think>\\boxed{2}",
+        Score(pytest.approx(-0.125), 1.0, 1.0, 0.0, 0.0, True),
+    ),
+    # 25k corrections: o2 holds all but the first; no box anywhere, r' capped at 0
+    "SC repeated": (("x" + SC) * (M // 40), Score(0.0, 0.0, 0.0, 0.0, 0.0, True)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(DEGENERATE))
+def test_degenerate_million_char_responses_score_in_linear_time(name):
+    text, expected = DEGENERATE[name]
+    assert len(text) >= M - 40
+    t = time.monotonic()
+    got = score_batch([text], ["1"])[0]
+    assert time.monotonic() - t < 20.0  # linear: ~0.3 s; the released regex: hours
+    assert got == expected
