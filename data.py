@@ -256,6 +256,23 @@ def load_examples(
     return examples, report
 
 
+def prompt_length(processor, example: dict) -> int:
+    """Tokens of `example`'s prompt as the model sees it: the chat template's text plus every
+    image's visual tokens, counted with the image processor's own resizing rule (no pixel is
+    processed, so filtering a 39k-row dataset at load costs seconds)."""
+    messages = example["messages"]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    vision = processor.image_processor
+    for m in messages:
+        for item in m["content"] if isinstance(m["content"], list) else []:
+            if item.get("type") == "image":  # one <|image_pad|> in the text stands for them all
+                image = item["image"]
+                patches = vision.get_number_of_image_patches(image.height, image.width, {})
+                n += patches // vision.merge_size**2 - 1
+    return n
+
+
 # ---------------------------------------------------------------------------------------------
 # The synthetic task of the CPU demo: count black dots (FINDINGS.md: a tiny model learns it)
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
-"""Evaluate self-correction (PAPER.md §1, §7; Table 1, Fig. 7): acc@1 (o1), acc@2 (final
-answer), c->w / w->c rates, how often the model corrects itself, sequential test-time scaling
-(force K extra rounds by appending SC) and pass@k.
+"""Evaluate self-correction (arXiv 2602.08503, Tables 2-3 and Fig. 7): acc@1 (o1), acc@2 (the
+final answer), c->w / w->c rates, how often the model corrects itself, sequential test-time
+scaling (force K extra rounds by appending SC, Fig. 7a) and pass@k (Fig. 7b).
 
     python eval.py --model runs/demo/stage-2/export --data synthetic:256 --out runs/eval
     python eval.py --model runs/octopus-stage2/export --data MathVista_MINI.tsv --n 8
-    torchrun --nproc_per_node=8 eval.py --model ... --data ... --sc-rounds 3   # data-parallel
+    torchrun --nproc_per_node=8 eval.py --model ... --data ... --sc_rounds 3   # data-parallel
 
 Modes: default (the model decides whether to correct itself), `--direct` (stop at
-`<self-correction>`: direct reasoning only), `--sc-rounds K` (after the model's answer, append
+`<self-correction>`: direct reasoning only), `--sc_rounds K` (after the model's answer, append
 SC and continue, K times). Sampling defaults are the paper's: temperature 0.6, top-p 0.95,
-no top-k, up to 16384 new tokens. Inputs: JSONL / parquet / HF folders (data.py) and
+no top-k, up to 16384 new tokens in a 32768-token context; both lengths are clamped to what the
+model allows, with one line saying so. Images are resized into [256*28*28, 1280*28*28] pixels
+(`--min_pixels`, `--max_pixels`; the released inference setting) for every file format; the
+images of `synthetic:N` are used as drawn. Inputs: JSONL / parquet / HF folders (data.py) and
 VLMEvalKit TSV files (index, base64 image, question, answer, options A, B, ...).
 """
 
@@ -27,9 +30,17 @@ from collections import defaultdict
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from data import load_examples, resize_image, synthetic_task  # noqa: E402
+from data import load_examples, prompt_length, resize_image, synthetic_task  # noqa: E402
 from octopus import OCTOPUS_SUFFIX, SC, SC_OPEN, split_rounds  # noqa: E402
 from reward import answer_of, is_equivalent  # noqa: E402
+
+# The released inference's image range, 256 to 1280 visual tokens of 28x28 pixels
+# (DripNowhy/Octopus, inference_vllm.py: the processor's min_pixels / max_pixels).
+MIN_PIXELS = 256 * 28 * 28
+MAX_PIXELS = 1280 * 28 * 28
+# Tokens kept free when deciding whether a forced round still fits the context: the continued
+# prompt is re-tokenized from text, which can differ from the sampled ids by a few tokens.
+CONTEXT_MARGIN = 16
 
 # =============================================================================================
 # Metrics: pure functions over graded records
@@ -119,11 +130,16 @@ def summarize(records: list[dict], ks: list[int] | None = None) -> dict:
 
 
 def load_vlmevalkit_tsv(
-    path: str, *, suffix: str = OCTOPUS_SUFFIX, max_pixels: int = 1280 * 28 * 28
+    path: str,
+    *,
+    suffix: str = OCTOPUS_SUFFIX,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
 ) -> list[dict]:
     """A VLMEvalKit benchmark TSV -> examples. Multiple choice is built as VLMEvalKit does:
     the hint, the question, "Options:" with one "A. ..." line per option, then the instruction
-    to select an answer; the ground truth is the option letter."""
+    to select an answer; the ground truth is the option letter. Images are resized into
+    `[min_pixels, max_pixels]` as data.py resizes those of JSONL rows."""
     from PIL import Image
 
     csv.field_size_limit(sys.maxsize)
@@ -142,7 +158,7 @@ def load_vlmevalkit_tsv(
                 image.load()
             except Exception as e:
                 raise ValueError(f"{path}:row {row_no}: field image: unreadable ({e})") from None
-            image = resize_image(image, 4 * 32 * 32, max_pixels)
+            image = resize_image(image, min_pixels, max_pixels)
             content = [
                 {"type": "image", "image": image},
                 {"type": "text", "text": question + suffix},
@@ -155,12 +171,15 @@ def load_vlmevalkit_tsv(
     return examples
 
 
-def load_eval_data(spec: str, *, max_pixels: int = 1280 * 28 * 28) -> list[dict]:
+def load_eval_data(
+    spec: str, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> list[dict]:
+    """`synthetic:N`, a VLMEvalKit `.tsv`, or anything data.py loads; bad rows are reported."""
     if spec.startswith("synthetic:"):
         return synthetic_task(int(spec.split(":")[1]), seed=12345)
     if spec.endswith(".tsv"):
-        return load_vlmevalkit_tsv(spec, max_pixels=max_pixels)
-    examples, report = load_examples(spec, max_pixels=max_pixels)
+        return load_vlmevalkit_tsv(spec, min_pixels=min_pixels, max_pixels=max_pixels)
+    examples, report = load_examples(spec, min_pixels=min_pixels, max_pixels=max_pixels)
     if report.skipped:
         print(f"[eval] {spec}: {report.summary()}", file=sys.stderr)
     return examples
@@ -171,10 +190,20 @@ def load_eval_data(spec: str, *, max_pixels: int = 1280 * 28 * 28) -> list[dict]
 # =============================================================================================
 
 
+def fit_max_tokens(max_tokens: int, max_model_len: int, longest_prompt: int) -> int:
+    """The response budget that lets the longest prompt and its response fit the context."""
+    return max(0, min(max_tokens, max_model_len - longest_prompt))
+
+
 def run(
     engine, processor, examples: list[dict], *, n: int, sampling, direct: bool, sc_rounds: int
 ) -> list[dict]:
-    """Sample, force extra rounds if asked, and grade. One record per sample."""
+    """Sample, force extra rounds if asked, and grade. One record per sample.
+
+    A forced round (Fig. 7a) appends exactly SC after the previous answer and continues. Once a
+    sample's context is full (prompt, answers and SC reach `engine.max_model_len`) it is not
+    continued: its remaining rounds spend 0 tokens and keep its last answer.
+    """
     from dataclasses import replace
 
     from rollout import render_prompt
@@ -183,17 +212,25 @@ def run(
     if direct:
         sampling = replace(sampling, stop=(*sampling.stop, SC_OPEN))
     groups = engine.generate(prompts, n, sampling)
+    if sc_rounds:
+        prompt_lens = [prompt_length(processor, e) for e in examples]
+        sc_len = len(processor.tokenizer(SC, add_special_tokens=False)["input_ids"])
     records = []
-    for e, p, group in zip(examples, prompts, groups, strict=True):
+    for k, (e, p, group) in enumerate(zip(examples, prompts, groups, strict=True)):
         for g in group:
             text, round_tokens = g.text, [len(g.ids)]
             if direct:
                 text = text.split(SC_OPEN)[0].rstrip("<").rstrip()
+            used = prompt_lens[k] + len(g.ids) if sc_rounds else 0
             for _ in range(sc_rounds):  # Fig. 7a: append exactly SC after the last answer
+                if used + sc_len + CONTEXT_MARGIN >= engine.max_model_len:
+                    round_tokens.append(0)  # the context is full: nothing more to force
+                    continue
                 prefix = text.rstrip() + SC
                 more = engine.generate([p], 1, sampling, prefixes=[prefix])[0][0]
                 text = prefix + more.text
                 round_tokens.append(len(more.ids))
+                used += sc_len + len(more.ids)
             rec = {"id": e["id"], "response": text, "truth": e["answer"], "tokens": sum(round_tokens),
                    "rounds": grade_rounds(text, e["answer"])}  # fmt: skip
             if sc_rounds:
@@ -234,41 +271,58 @@ def plot(summary: dict, out_dir: str) -> list[str]:
     return written
 
 
-def main(argv: list[str] | None = None) -> dict:
-    import torch.distributed as dist
-    from transformers import AutoProcessor
-
-    from rollout import Sampling, VLLMEngine
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help="HF checkpoint folder (or hub id)")
     ap.add_argument(
         "--data", required=True, help="JSONL / parquet / HF folder / VLMEvalKit .tsv / synthetic:N"
     )
-    ap.add_argument("--out", default="runs/eval")
+    ap.add_argument("--out", default="runs/eval", help="samples.jsonl, summary.json, plots")
     ap.add_argument("--n", type=int, default=1, help="samples per prompt (pass@k up to n)")
     ap.add_argument("--direct", action="store_true", help="stop at <self-correction>")
-    ap.add_argument("--sc-rounds", type=int, default=0, help="force K extra correction rounds")
+    ap.add_argument("--sc_rounds", type=int, default=0, help="force K extra correction rounds")
     ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--max-tokens", type=int, default=16384)
-    ap.add_argument("--max-model-len", type=int, default=32768)
-    ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--kv-cache-gb", type=float, default=1.0)
-    args = ap.parse_args(argv)
+    ap.add_argument("--top_p", type=float, default=0.95)
+    ap.add_argument("--max_tokens", type=int, default=16384, help="new tokens per round")
+    ap.add_argument("--max_model_len", type=int, default=32768, help="the engine's context")
+    ap.add_argument("--min_pixels", type=int, default=MIN_PIXELS, help="smallest image area")
+    ap.add_argument("--max_pixels", type=int, default=MAX_PIXELS, help="largest image area")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N examples (0: all)")
+    ap.add_argument("--kv_cache_gb", type=float, default=1.0, help="CPU only: KV-cache size")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)  # first: `--help` loads nothing
+
+    import torch.distributed as dist
+    from transformers import AutoProcessor
+
+    from rollout import Sampling, VLLMEngine, max_images_of
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # only to gather results; each rank has its own engine
     rank = dist.get_rank() if dist.is_initialized() else 0
-    examples = load_eval_data(args.data)
+    examples = load_eval_data(args.data, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.limit:
         examples = examples[: args.limit]
     processor = AutoProcessor.from_pretrained(args.model)
-    engine = VLLMEngine(
-        args.model, max_model_len=args.max_model_len, seed=rank, kv_cache_gb=args.kv_cache_gb
-    )
-    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    engine = VLLMEngine(args.model, max_model_len=args.max_model_len, seed=rank,
+                        kv_cache_gb=args.kv_cache_gb, max_images=max_images_of(examples),
+                        min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # fmt: skip
+    lengths = [prompt_length(processor, e) for e in examples]
+    longest = max(lengths, default=0)
+    max_tokens = fit_max_tokens(args.max_tokens, engine.max_model_len, longest)
+    if max_tokens < 1:
+        e = examples[lengths.index(longest)]
+        raise SystemExit(f"{args.data}: example {e['id']} has a {longest}-token prompt, no room "
+                         f"left in the {engine.max_model_len}-token context (--max_model_len)")  # fmt: skip
+    if max_tokens < args.max_tokens and rank == 0:
+        print(f"[eval] max_tokens {args.max_tokens} does not fit the {engine.max_model_len}-token "
+              f"context after the longest prompt ({longest} tokens): using {max_tokens}",
+              file=sys.stderr)  # fmt: skip
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=max_tokens)
     records = run(engine, processor, examples[rank::world], n=args.n, sampling=sampling, direct=args.direct,
                   sc_rounds=args.sc_rounds)  # fmt: skip
     if dist.is_initialized():

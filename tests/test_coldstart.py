@@ -9,7 +9,7 @@ import pytest
 
 import coldstart
 from data import load_examples, synthetic_task
-from octopus import SC, split_response
+from octopus import OCTOPUS_SUFFIX, SC, split_response
 from rollout import Generation
 
 pytestmark = pytest.mark.slow
@@ -92,9 +92,9 @@ class _BoxingPolicy:
 def test_in_distribution_cli_runs_end_to_end(tiny_path, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = tmp_path / "id.jsonl"
-    cmd = [sys.executable, os.path.join(ROOT, "coldstart.py"), "--policy", tiny_path, "--in-distribution",
-           "--data", "synthetic:2", "--out", str(out), "--samples", "2", "--max-tokens", "8",
-           "--max-model-len", "512", "--kv-cache-gb", "0.1"]  # fmt: skip
+    cmd = [sys.executable, os.path.join(ROOT, "coldstart.py"), "--policy", tiny_path, "--in_distribution",
+           "--data", "synthetic:2", "--out", str(out), "--samples", "2", "--max_tokens", "8",
+           "--o2_max_tokens", "8", "--max_model_len", "512", "--kv_cache_gb", "0.1"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     counts = json.load(open(str(out) + ".counts.json"))
@@ -105,3 +105,75 @@ def test_in_distribution_cli_runs_end_to_end(tiny_path, tmp_path):
         <= counts["o2_well_formed"]
         <= counts["o2_generated"]
     )
+
+
+class RecordingEngine:
+    """Stands in for VLLMEngine in coldstart.main: records what it is sent and answers every
+    prompt with a well-formed, boxed 1."""
+
+    instances: list = []
+
+    def __init__(self, model, **kwargs):
+        self.model, self.kwargs, self.calls = model, kwargs, []
+        self.max_model_len = min(kwargs["max_model_len"], 1000)
+        RecordingEngine.instances.append(self)
+
+    def generate(self, prompts, n, sampling, prefixes=None):
+        self.calls.append((prompts, n, sampling))
+        text = "<think>\nOne dot.\n</think>\n\n\\boxed{1}"
+        return [[Generation([1], [0.0], text, "stop") for _ in range(n)] for _ in prompts]
+
+    def close(self):
+        pass
+
+
+def run_main(monkeypatch, tmp_path, tiny_path, *flags):
+    import rollout
+
+    RecordingEngine.instances = []
+    monkeypatch.setattr(rollout, "VLLMEngine", RecordingEngine)
+    out = tmp_path / f"cs{len(list(tmp_path.iterdir()))}" / "rows.jsonl"
+    counts = coldstart.main(
+        ["--policy", tiny_path, "--data", "synthetic:2", "--out", str(out), *flags]
+    )
+    (engine,) = RecordingEngine.instances
+    return engine, counts
+
+
+def test_o1_prompt_and_sampling_flags(monkeypatch, tmp_path, tiny_path, capsys):
+    """The release's o1 sampling is the default (plain prompt, 0.6 / 0.9 / top-k 20, 2048
+    tokens; o2 0.7 / 1.0, 4096 tokens); the flags change what the engine is sent."""
+    engine, counts = run_main(monkeypatch, tmp_path, tiny_path)
+    (o1_prompts, n, o1), (o2_prompts, _, o2) = engine.calls
+    assert n == 4 and counts["o1_samples"] == 8 and counts["written"] == 0  # truths are not 1
+    assert all(p["prompt"].count(coldstart.PLAIN_SUFFIX) == 1 for p in o1_prompts)
+    assert not any(OCTOPUS_SUFFIX.strip() in p["prompt"] for p in o1_prompts)
+    assert (o1.temperature, o1.top_p, o1.top_k) == (0.6, 0.9, 20)
+    assert (o2.temperature, o2.top_p, o2.top_k) == (0.7, 1.0, 0)
+    # the engine's context (1000 here) leaves less than 2048 / 4096 tokens: clamped, one line each
+    err = capsys.readouterr().err
+    assert "max_tokens 2048 does not fit" in err and "o2_max_tokens 4096 does not fit" in err
+    assert o1.max_tokens == o2.max_tokens < 1000
+    assert not any(coldstart.PLAIN_SUFFIX in p["prompt"] for p in o2_prompts)
+    assert engine.kwargs["max_images"] == 1
+    assert (
+        engine.kwargs["min_pixels"] == 256 * 28 * 28
+        and engine.kwargs["max_pixels"] == 1280 * 28 * 28
+    )
+
+    engine, _ = run_main(monkeypatch, tmp_path, tiny_path, "--o1_prompt", "octopus", "--temperature", "1.0",
+                         "--top_k", "0", "--max_tokens", "64", "--o2_temperature", "0.3")  # fmt: skip
+    (o1_prompts, _, o1), (_, _, o2) = engine.calls
+    assert all(p["prompt"].count(OCTOPUS_SUFFIX.strip()) == 1 for p in o1_prompts)
+    assert not any(coldstart.PLAIN_SUFFIX in p["prompt"] for p in o1_prompts)
+    assert (o1.temperature, o1.top_k, o1.max_tokens, o2.temperature) == (1.0, 0, 64, 0.3)
+
+
+def test_help_exits_0_without_work(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "coldstart.py"), "--help"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert (
+        proc.returncode == 0 and "--in_distribution" in proc.stdout and "--o1_prompt" in proc.stdout
+    )
+    assert "--in-distribution" not in proc.stdout and not list(tmp_path.iterdir())

@@ -2,13 +2,27 @@
 
 import base64
 import io
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
 import eval as ev
+from data import dots_image
 from octopus import SC
+from rollout import Generation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def box(x):
@@ -87,6 +101,11 @@ def test_vlmevalkit_tsv_fixture(tmp_path):
     )
     assert ex[0]["messages"][0]["content"][0]["image"].getpixel((0, 0)) == (255, 0, 0)
     assert ex[0]["category"] == "colour"
+    # images are resized into the released inference's range, 256x28x28 pixels at least
+    image = ex[0]["messages"][0]["content"][0]["image"]
+    assert image.size == (448, 448) and 256 * 28 * 28 <= 448 * 448 <= 1280 * 28 * 28
+    small = ev.load_vlmevalkit_tsv(str(path), min_pixels=32 * 32, max_pixels=64 * 64)
+    assert small[0]["messages"][0]["content"][0]["image"].size == (64, 64)
 
 
 @pytest.mark.slow
@@ -123,3 +142,85 @@ def test_every_mode_runs_on_vllm(engine, processor, monkeypatch):
     assert calls[2][0] == [(first.rstrip() + SC + second).rstrip() + SC]
     assert rec["response"] == (first.rstrip() + SC + second).rstrip() + SC + calls[2][1][0][0].text
     assert rec["round_tokens"] == [len(c[1][0][0].ids) for c in calls]
+
+
+def test_forced_rounds_stop_when_the_context_is_full(processor):
+    """A sample whose prompt, answers and SC fill the context is not continued (vLLM would
+    refuse the longer prompt): its remaining rounds spend 0 tokens and keep its last answer."""
+    from data import prompt_length
+
+    examples = ev.load_eval_data("synthetic:1")
+    prompt_len = prompt_length(processor, examples[0])
+    sc_len = len(processor.tokenizer(SC, add_special_tokens=False)["input_ids"])
+
+    class Fixed:
+        """Every call samples 100 tokens that end with a boxed 3."""
+
+        def __init__(self, max_model_len):
+            self.max_model_len, self.calls = max_model_len, 0
+
+        def generate(self, prompts, n, sampling, prefixes=None):
+            self.calls += 1
+            return [[Generation([7] * 100, [-1.0] * 100, "<think>t</think>\\boxed{3}", "stop")]]
+
+    roomy = Fixed(100_000)
+    rec = ev.run(roomy, processor, examples, n=1, sampling=None, direct=False, sc_rounds=2)[0]
+    assert roomy.calls == 3 and rec["round_tokens"] == [100, 100, 100]
+    # room for the first forced round only
+    tight = Fixed(prompt_len + 2 * 100 + sc_len + ev.CONTEXT_MARGIN + 1)
+    rec = ev.run(tight, processor, examples, n=1, sampling=None, direct=False, sc_rounds=2)[0]
+    assert tight.calls == 2 and rec["round_tokens"] == [100, 100, 0]
+    assert len(rec["rounds"]) == 2 and rec["tokens"] == 200
+
+
+def test_fit_max_tokens():
+    assert ev.fit_max_tokens(16384, 32768, 1000) == 16384
+    assert ev.fit_max_tokens(16384, 4096, 180) == 3916
+    assert ev.fit_max_tokens(100, 4096, 5000) == 0
+
+
+def test_help_exits_0_without_work(tmp_path):
+    proc = cli("--help")
+    assert (
+        proc.returncode == 0 and "--sc_rounds" in proc.stdout and "--max_model_len" in proc.stdout
+    )
+    assert "--sc-rounds" not in proc.stdout and "--top_p" in proc.stdout
+    assert "vLLM" not in proc.stderr  # no engine started
+
+
+@pytest.mark.slow
+def test_cli_defaults_are_clamped_to_the_model(tiny_path, tmp_path):
+    """The defaults (a 32768-token context, 16384 new tokens, the paper's pixel range) do not
+    fit the tiny model: each is clamped with one line, and the run completes."""
+    out = tmp_path / "eval"
+    proc = cli("--model", tiny_path, "--data", "synthetic:8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[engine] max_model_len 32768 > 4096" in proc.stderr
+    assert "[eval] max_tokens 16384 does not fit" in proc.stderr
+    summary = json.load(open(out / "summary.json"))
+    assert summary["samples"] == 8
+    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert len(rows) == 8 and max(r["tokens"] for r in rows) <= 4096
+
+
+@pytest.mark.slow
+def test_cli_two_images_per_row(tiny_path, tmp_path):
+    """Rows with two images each: eval.py sizes the engine's image limit from the data (vLLM
+    refuses a second image by default: "At most 1 image(s) may be provided in one prompt")."""
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for i in range(3):
+        dots_image(i + 1, rng).save(tmp_path / f"a{i}.png")
+        dots_image(i + 2, rng).save(tmp_path / f"b{i}.png")
+        lines.append({"id": f"r{i}", "question": "<image><image>How many dots in both images?",
+                      "answer": str(2 * i + 3), "images": [f"a{i}.png", f"b{i}.png"]})  # fmt: skip
+    data = tmp_path / "two.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in lines))
+    out = tmp_path / "eval"
+    proc = cli("--model", tiny_path, "--data", str(data), "--out", str(out), "--n", "2",
+               "--max_tokens", "8", "--max_model_len", "1024")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert sorted({r["id"] for r in rows}) == ["r0", "r1", "r2"] and len(rows) == 6
