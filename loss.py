@@ -1,4 +1,5 @@
-"""The masked policy objective of Octopus (PAPER.md §4-5) as pure tensor functions.
+"""The masked policy objective of Octopus (arXiv 2602.08503, Sec. 4.3, Eq. 1, 2, 5) as pure
+tensor functions.
 
 GRPO / DAPO (token ratio, Eq. 1), GSPO (sequence ratio, Eq. 2; over o2 only with the Stage I
 mask, Eq. 5) and the released runs' GSPO-token form; per-token clipping with a dual clip for
@@ -19,35 +20,56 @@ makes the KL weight depend on how many o2 tokens share a micro-batch.)
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 LOG_RATIO_BOUND = 20.0  # exp(20) ~ 5e8: keeps a stray ratio finite; clipping decides the rest
 
 
-def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """log p(label) per position: logits (B, T, V), labels (B, T) -> (B, T), float32.
+LOGPROB_CHUNK = 2048  # rows of logits turned into float32 at a time
 
-    `logits[:, t]` must already be the prediction of `labels[:, t]` (shifted by the caller).
-    Computed one sequence at a time as gather - logsumexp, so no (B, T, V) log-softmax copy is
-    kept for backward (logsumexp saves only its input and its (T,) output).
+
+def _logprobs_fp32(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    rows = logits.float()  # (n, V)
+    if temperature != 1.0:
+        rows = rows / temperature
+    return rows.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(rows, dim=-1)  # (n,)
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk: int = LOGPROB_CHUNK
+) -> torch.Tensor:
+    """log p(label) per position: logits (..., T, V), labels (..., T) -> (..., T), float32.
+
+    `logits[..., t, :]` must already be the prediction of `labels[..., t]` (shifted by the caller).
+    Computed as gather - logsumexp in float32 over chunks of `chunk` positions, each under
+    activation checkpointing: backward keeps only the logits themselves (bf16 on GPU) and
+    recomputes one chunk's float32 softmax at a time, so no float32 copy of all the logits is
+    ever held. The chunks are views (`split`), whose backward is a single concatenation: linear
+    in the number of rows (indexing `logits[b]` row by row instead costs one full-size gradient
+    per row, quadratic).
     """
-    rows = []
-    for b in range(logits.shape[0]):
-        row = logits[b].float()  # (T, V)
-        if temperature != 1.0:
-            row = row / temperature
-        picked = row.gather(-1, labels[b].unsqueeze(-1)).squeeze(-1)  # (T,)
-        rows.append(picked - torch.logsumexp(row, dim=-1))  # (T,)
-    return torch.stack(rows)  # (B, T)
+    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    flat_labels = labels.reshape(-1)  # (N,)
+    pieces = []
+    for rows, row_labels in zip(flat.split(chunk), flat_labels.split(chunk), strict=True):
+        if torch.is_grad_enabled() and rows.requires_grad:
+            pieces.append(  # (n,)
+                checkpoint(_logprobs_fp32, rows, row_labels, temperature, use_reentrant=False)
+            )
+        else:
+            pieces.append(_logprobs_fp32(rows, row_labels, temperature))  # (n,)
+    return torch.cat(pieces).reshape(labels.shape)  # (..., T)
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6
+    rewards: torch.Tensor, group_ids: torch.Tensor | None = None, eps: float = 1e-6
 ) -> torch.Tensor:
-    """A = (r - mean(r_group)) / (std(r_group) + eps) per sample (PAPER.md §5); std unbiased
-    (torch.std). A group of one has no baseline to compare with and gets 0."""
+    """A = (r - mean(r_group)) / (std(r_group) + eps) per sample (arXiv 2602.08503, the GRPO /
+    GSPO group baseline); std unbiased (torch.std). `group_ids` (N,) names each sample's group;
+    None: all N samples are one group. A group of one has no baseline and gets 0."""
     rewards = rewards.double()  # (N,)
+    if group_ids is None:
+        group_ids = torch.zeros(len(rewards), dtype=torch.long)  # (N,)
     adv = torch.zeros_like(rewards)  # (N,)
     for g in torch.unique(group_ids):
         members = group_ids == g  # (N,)
@@ -121,7 +143,7 @@ def policy_loss(
     agg: str,
     normalizer=None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate (PAPER.md §5): per token `max(-A r, -A clip(r, 1 - eps_low, 1 +
+    """Clipped surrogate (Eq. 1 / Eq. 2): per token `max(-A r, -A clip(r, 1 - eps_low, 1 +
     eps_high))`, and for A < 0 at most `-A * clip_dual`; aggregated by `agg`.
 
     logp, old_logp, mask: (B, T); advantages: (B,). Returns the loss and detached metrics:
@@ -154,7 +176,7 @@ def policy_loss(
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Low-variance KL estimator per token (PAPER.md §4): `exp(ref - logp) - (ref - logp) - 1`,
+    """Low-variance KL estimator ("k3", Sec. 4.3): `exp(ref - logp) - (ref - logp) - 1`,
     clamped to [-10, 10]. Shapes as `logp`."""
     d = ref_logp - logp
     return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
@@ -181,7 +203,7 @@ def stage1_loss(
     kl_normalizer=None,
     **policy_kwargs,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The Stage I objective (PAPER.md §4): policy loss on o2 + kl_coef x KL on o1."""
+    """The Stage I objective (Sec. 4.3): policy loss on o2 + kl_coef x KL on o1."""
     loss, metrics = policy_loss(
         logp, old_logp, advantages, policy_mask, normalizer=policy_normalizer, **policy_kwargs
     )
@@ -191,9 +213,7 @@ def stage1_loss(
     return loss + kl_coef * kl, metrics
 
 
-def sft_loss(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, normalizer=None
-) -> torch.Tensor:
-    """Cold-start SFT (PAPER.md §4.1): mean NLL over the trained tokens (token aggregation).
-    logits (B, T, V) already aligned with labels (B, T); mask (B, T)."""
-    return masked_mean(-token_logprobs(logits, labels), mask, "token", normalizer)
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normalizer=None) -> torch.Tensor:
+    """Cold-start SFT (Sec. 4.1): mean negative log-likelihood over the trained tokens (token
+    aggregation). logp (B, T) from `token_logprobs`; mask (B, T)."""
+    return masked_mean(-logp, mask, "token", normalizer)

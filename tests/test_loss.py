@@ -184,10 +184,58 @@ def test_token_logprobs_and_sft_loss():
     ref_t = torch.log_softmax(logits.double() / 0.5, -1).gather(-1, labels[..., None])[..., 0]
     assert torch.allclose(lp_t.double(), ref_t, atol=1e-5)
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
-    loss = sft_loss(logits, labels, mask)
+    loss = sft_loss(token_logprobs(logits, labels), mask)
     assert loss.item() == pytest.approx(-(ref * mask).sum().item() / 5, rel=1e-6)
     loss.backward()
     assert (logits.grad[mask == 0] == 0).all()
+
+
+def test_token_logprobs_chunks_equal_one_pass_with_gradients():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 13, generator=g, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 5), generator=g)
+    weights = torch.randn(3, 5, generator=g)
+    whole = token_logprobs(logits, labels, 0.7, chunk=10**6)
+    (grad_whole,) = torch.autograd.grad((whole * weights).sum(), logits)
+    for chunk in (1, 4, 7):
+        parts = token_logprobs(logits, labels, 0.7, chunk=chunk)
+        (grad,) = torch.autograd.grad((parts * weights).sum(), logits)
+        assert torch.allclose(parts, whole, atol=1e-6) and torch.allclose(
+            grad, grad_whole, atol=1e-6
+        )
+
+
+class _CountAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the elements of every tensor an op creates (what a backward allocates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.elements += t.numel()
+        return out
+
+
+def _backward_elements(rows: int, T: int = 6, V: int = 50, chunk: int = 4) -> int:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, T, V, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (rows, T), generator=g)
+    loss = token_logprobs(logits, labels, chunk=chunk).sum()
+    with _CountAllocations() as counter:
+        loss.backward()
+    return counter.elements
+
+
+def test_token_logprobs_backward_is_linear_in_rows():
+    """Indexing the logits row by row makes each row's backward allocate a gradient of the full
+    (B, T, V) size: quadratic in B. The chunks must cost their own size, so doubling the rows at
+    most doubles what the backward allocates (a quadratic one would quadruple it)."""
+    small, large = _backward_elements(8), _backward_elements(16)
+    assert large <= 2.2 * small, (small, large)
 
 
 # --------------------------------------------------------------------------- split invariance
