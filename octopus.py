@@ -1,6 +1,6 @@
 """The self-correction format of Octopus and the one `Config` with the paper's runs as presets.
 
-A response is one generation `o1 + SC + o2` (PAPER.md §1): `o1` is `<think>...</think>` and a
+A response is one generation `o1 + SC + o2` (arXiv 2602.08503, Sec. 3): `o1` is `<think>...</think>` and a
 `\\boxed{}` answer, `SC` the empty `<self-correction>` tag pair, `o2` a new answer from scratch.
 A response may stop after `o1`. This module imports nothing from the project: copy it freely.
 """
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 # ---------------------------------------------------------------------------------------------
-# The format (PAPER.md §1), verbatim: the released checkpoint was trained with these strings.
+# The format (arXiv 2602.08503, Sec. 3), verbatim: the released checkpoint was trained with these.
 # ---------------------------------------------------------------------------------------------
 
 SC = "\n\n<self-correction>\n</self-correction>\n\n"
@@ -33,7 +33,7 @@ BASELINE_SUFFIX = (
     " <think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
 )
 
-# The opening tag alone is what `--direct` decoding stops at (PAPER.md §1, "controllable").
+# The opening tag alone is what `--direct` decoding stops at (direct reasoning only).
 SC_OPEN = "<self-correction>"
 
 # Whitespace is tolerated inside the tags (`< self-correction >`, `</ self-correction>`): models
@@ -80,93 +80,168 @@ def split_rounds(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Config: every hyperparameter in one place; the paper's runs are presets (PAPER.md §7).
+# Config: one stage's knobs in one place; the paper's runs are presets
 # ---------------------------------------------------------------------------------------------
+
+
+def knob(default, help: str):
+    """A Config field with its `--help` text (train.py builds one flag per field)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Config:
-    """All knobs of train.py / eval.py / coldstart.py. Defaults are the paper's Octopus Stage I."""
+    """Every knob of one training stage of train.py (the cold start, Stage I or Stage II, or a
+    baseline). Defaults are the paper's Octopus Stage I on 8 GPUs (arXiv 2602.08503,
+    experimental setup); `PRESETS` names the runs of Tables 2-3 and the CPU demo."""
 
     # what to run
-    stage: str = "1"  # "sft" (cold start, §4.1/§6), "1" (Stage I, §4.3), "2" (Stage II)
-    model: str = "Qwen/Qwen3-VL-8B-Instruct"  # path of the starting checkpoint (HF format)
-    train_data: str = ""  # JSONL / parquet / HF folder (data.py), or "synthetic"
-    val_data: str = ""
-    out_dir: str = "runs/octopus"
-    seed: int = 0
+    stage: str = knob(
+        "1",
+        'what this stage trains: "sft" (cold start, Sec. 4.1), "1" (Stage I), "2" (Stage II and the baselines), Sec. 4.3',
+    )
+    model: str = knob(
+        "Qwen/Qwen3-VL-8B-Instruct",
+        'starting checkpoint (HF folder); "tiny" builds the tiny random Qwen3-VL',
+    )
+    train_data: str = knob(
+        "",
+        'RL prompts: JSONL / parquet / HF folder (ViRL-39K fields), or "synthetic:N" (dot counting)',
+    )
+    val_data: str = knob("", "validation prompts (Geometry3K test in the paper), same formats")
+    out_dir: str = knob("runs/octopus", "metrics, config, checkpoints and the export go here")
+    seed: int = knob(0, "seed of the data order, the engine and the splicing")
 
     # the method
-    reward_kind: str = "octopus"  # "octopus" (Eq. 6 + guards) or "baseline" (0.9 acc + 0.1 fmt)
-    prompt_suffix: str = "octopus"  # "octopus" or "baseline" (PAPER.md §1)
-    augment: str = "paper"  # "paper" (Alg. 1), "released", "random", "none" (§3)
-    n_rollouts: int = 8  # n generated per prompt
-    n_train: int = 16  # N trained per prompt (2n for Octopus; = n for the baselines)
+    reward_kind: str = knob(
+        "octopus",
+        '"octopus" (Eq. 6 with the released guards) or "baseline" (0.9 acc + 0.1 fmt of the final answer)',
+    )
+    prompt_suffix: str = knob(
+        "octopus",
+        '"octopus" (asks for a self-correction) or "baseline" (plain): the instruction after each question',
+    )
+    augment: str = knob(
+        "paper",
+        'correction splicing: "paper" (Algorithm 1), "released" (the authors\' quotas), "random", "none"',
+    )
+    n_rollouts: int = knob(8, "n: rollouts generated per prompt")
+    n_train: int = knob(16, "N: samples trained per prompt (2n for Octopus, n for the baselines)")
 
-    # the objective (§5)
-    ratio: str = "sequence_token"  # "token" (GRPO/DAPO), "sequence" (GSPO), "sequence_token"
-    agg: str = "seq"  # "seq" or "token"
-    clip_low: float = 3e-4
-    clip_high: float = 4e-4
-    clip_dual: float = 3.0
-    kl_coef: float = 0.01  # Stage I only, on o1 tokens (§4)
+    # the objective
+    ratio: str = knob(
+        "sequence_token",
+        'importance ratio: "token" (GRPO/DAPO, Eq. 1), "sequence" (GSPO, Eq. 2), "sequence_token" (GSPO-token, the released runs)',
+    )
+    agg: str = knob(
+        "seq",
+        'loss aggregation: "seq" (mean per sequence, then over sequences) or "token" (mean over all tokens)',
+    )
+    clip_low: float = knob(3e-4, "epsilon_low of the clipped ratio")
+    clip_high: float = knob(4e-4, "epsilon_high of the clipped ratio")
+    clip_dual: float = knob(3.0, "dual clip: for negative advantages the loss is at most -A x this")
+    kl_coef: float = knob(
+        0.01, "coefficient of the k3 KL towards the stage's starting model (0: no reference model)"
+    )
+    kl_tokens: str = knob(
+        "o1",
+        'what the KL covers: "o1" (Stage I: the o1 tokens of samples with a correction) or "response" (every response token, the released GRPO script)',
+    )
 
-    # batch shape (§7)
-    prompts_per_step: int = 512
-    mini_batch_prompts: int = 128  # one optimizer step per mini-batch
-    update_token_budget: int = 16384  # tokens per micro-batch of the update, per rank
-    logprob_token_budget: int = 32768  # tokens per micro-batch of the log-prob passes
-    max_prompt_len: int = 2048
-    max_response_len: int = 6144
-    epochs: int = 5
-    max_steps: int = 0  # 0: as many as the epochs give
+    # batch shape
+    prompts_per_step: int = knob(512, "prompts per RL step, all ranks together")
+    mini_batch_prompts: int = knob(
+        128, "prompts per optimizer step (a step has prompts_per_step / this updates)"
+    )
+    update_token_budget: int = knob(
+        16384, "tokens per micro-batch of the update, per rank (prompts counted once per group)"
+    )
+    logprob_token_budget: int = knob(
+        32768, "tokens per micro-batch of the log-prob passes, per rank"
+    )
+    shared_prompt: bool = knob(
+        True,
+        "run each group's prompt once and pack its responses after it (exact; false: once per sample)",
+    )
+    max_prompt_len: int = knob(
+        2048,
+        "prompts longer than this (images included) are skipped at load, counted in data_skipped",
+    )
+    max_response_len: int = knob(
+        6144, "tokens sampled per response; spliced samples longer than this are not formed"
+    )
+    epochs: int = knob(5, "passes over the training prompts")
+    max_steps: int = knob(0, "stop after this many steps (0: as many as the epochs give)")
 
     # optimizer
-    lr: float = 1e-6
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = knob(1e-6, "AdamW learning rate")
+    weight_decay: float = knob(0.1, "AdamW weight decay")
+    lr_schedule: str = knob(
+        "constant", 'after the warm-up: "constant" or "cosine" (to 0 at the last step)'
+    )
+    warmup_steps: int = knob(10, "linear warm-up steps")
+    warmup_ratio: float = knob(
+        0.0, "if > 0: warm-up over this share of the steps instead of warmup_steps"
+    )
+    grad_clip: float = knob(1.0, "gradient-norm clipping")
+    betas: tuple[float, float] = knob((0.9, 0.999), "AdamW betas")
 
     # sampling
-    temperature: float = 1.0
-    top_p: float = 1.0
-    val_temperature: float = 0.6
-    val_top_p: float = 0.95
-    val_n: int = 1
-    val_max_prompts: int = 0  # 0: the whole validation set
+    temperature: float = knob(1.0, "rollout temperature (also divides the trainer's logits)")
+    top_p: float = knob(1.0, "rollout top-p")
+    val_temperature: float = knob(0.6, "validation temperature")
+    val_top_p: float = knob(0.95, "validation top-p")
+    val_n: int = knob(1, "samples per validation prompt")
+    val_max_prompts: int = knob(0, "validate on the first this many prompts (0: all)")
 
-    # images (§7: Qwen's 28x28 pixels per merged token)
-    min_pixels: int = 256 * 28 * 28
-    max_pixels: int = 1280 * 28 * 28
+    # images (Qwen's 28 x 28 pixels per merged visual token)
+    min_pixels: int = knob(256 * 28 * 28, "images smaller than this are scaled up")
+    max_pixels: int = knob(1280 * 28 * 28, "images larger than this are scaled down")
+    max_images: int = knob(
+        0, "images per prompt the engine accepts (0: the most any loaded prompt has)"
+    )
 
     # engine
-    tensor_parallel: int = 1
-    gpu_memory_utilization: float = 0.5
-    kv_cache_gb: float = 1.0  # CPU only: vLLM's CPU backend needs an explicit size
-    enforce_eager: bool = False
+    tensor_parallel: int = knob(1, "vLLM tensor parallelism; only 1 is supported under torchrun")
+    gpu_memory_utilization: float = knob(0.5, "share of GPU memory vLLM may take while awake")
+    kv_cache_gb: float = knob(1.0, "CPU only: vLLM's KV cache size in GiB")
+    enforce_eager: bool = knob(
+        False, "GPU: no CUDA graphs in vLLM (the CPU engine is always eager)"
+    )
 
-    # SFT (cold start, §6)
-    sft_data: str = ""
-    sft_max_len: int = 8192
-    sft_batch: int = 64  # sequences per optimizer step, all ranks together
-    # stop the cold start by measurement (FINDINGS.md): once sampled validation accuracy and the
-    # share of well-formed o1 + SC + o2 responses both reach these (0: off)
-    sft_stop_acc: float = 0.0
-    sft_stop_format: float = 0.0
-
-    # several stages in one launch (the demo): "sft,1,2", each from the previous export
-    stages: str = ""
-    stage_overrides: dict = field(default_factory=dict)  # {"sft": {...}, "1": {...}, ...}
+    # SFT (the cold start, Sec. 4.1)
+    sft_data: str = knob(
+        "", 'cold-start chats (rows with question, images, answer, response), or "synthetic:N"'
+    )
+    sft_max_len: int = knob(8192, "response tokens kept per SFT row")
+    sft_batch: int = knob(64, "SFT sequences per optimizer step, all ranks together")
+    freeze_vision: bool = knob(
+        False,
+        "train the language model only (the release's cold start freezes the vision tower and merger)",
+    )
+    sft_stop_acc: float = knob(
+        0.0, "stop SFT once sampled validation accuracy reaches this (0: off)"
+    )
+    sft_stop_format: float = knob(
+        0.0, "... and the share of well-formed o1 + SC + o2 responses reaches this (0: off)"
+    )
 
     # bookkeeping
-    resume: bool = True  # continue from the newest complete checkpoint in out_dir
-    save_every: int = 20
-    val_every: int = 10
-    export: bool = True  # HF save_pretrained at the end
-    gradient_checkpointing: bool = True
-    wandb_project: str = ""
-    extra: dict = field(default_factory=dict)  # free-form notes carried into the metrics header
+    resume: bool = knob(True, "continue from the newest complete checkpoint in out_dir")
+    save_every: int = knob(20, "steps between DCP checkpoints (0: none)")
+    keep_checkpoints: int = knob(2, "keep only this many newest checkpoints (0: all)")
+    val_every: int = knob(10, "steps between validations (0: none)")
+    dump_every: int = knob(
+        10, "steps between writes of trained groups to out_dir/samples.jsonl (0: none)"
+    )
+    dump_groups: int = knob(2, "groups written per dump")
+    export: bool = knob(True, "write the Hugging Face checkpoint to out_dir/export at the end")
+    gradient_checkpointing: bool = knob(
+        True, "recompute each layer's activations in the backward (update only)"
+    )
+    wandb_project: str = knob("", "log metrics to this Weights & Biases project too")
 
     def replace(self, **changes) -> Config:
         """A copy with `changes`, refusing unknown field names (typos must not pass silently)."""
@@ -177,70 +252,95 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-# Baselines use the plain prompt, the plain reward, no augmentation, and n trained = n generated.
-_BASELINE = dict(reward_kind="baseline", prompt_suffix="baseline", augment="none")
-# GRPO / DAPO: token ratio (Eq. 1), clip 0.2 / 0.28, token-mean aggregation (§5).
-# DAPO differs by its clip-higher (0.28); dynamic sampling and overlong shaping are not built.
-_GRPO = dict(_BASELINE, ratio="token", agg="token", clip_low=0.2, clip_high=0.2, kl_coef=0.0)
-_GSPO = dict(_BASELINE, kl_coef=0.0)
+# Baselines (Table 2): the plain prompt, the plain reward, no augmentation, N trained = n.
+_BASELINE = dict(reward_kind="baseline", prompt_suffix="baseline", augment="none", kl_coef=0.0)
+_GSPO = dict(_BASELINE, stage="2")
+# GRPO / DAPO: token ratio (Eq. 1) and token-mean aggregation with the clip 0.2 / 0.28 of the
+# paper's setup. The released scripts (DripNowhy/Octopus, EasyR1/examples/qwen3_vl_8b_virl_*):
+# GRPO clips 0.2 / 0.3 (EasyR1's default) with a k3 KL of 0.01 on every response token, weight
+# decay 0.01 and no warm-up ("grpo-n16-released"); DAPO clips 0.2 / 0.28 with a dual clip of
+# 10 and online filtering. Online filtering and overlong shaping are not built here, so DAPO
+# differs from GRPO by its dual clip only.
+_GRPO = dict(_BASELINE, stage="2", ratio="token", agg="token", clip_low=0.2, clip_high=0.28)
+_GRPO_RELEASED = dict(_GRPO, clip_high=0.3, kl_coef=0.01, kl_tokens="response",
+                      weight_decay=0.01, warmup_steps=0)  # fmt: skip
+
+# The CPU demo: a tiny Qwen3-VL learns to count dots (cold start until sampled accuracy reaches
+# 0.3, then Stage I and Stage II with an RL recipe that learns on 2 cores).
+_DEMO = dict(
+    model="tiny",
+    out_dir="runs/demo",
+    sft_data="synthetic:4096",
+    train_data="synthetic:4096",
+    val_data="synthetic:256",
+    prompts_per_step=8,
+    mini_batch_prompts=8,
+    max_prompt_len=384,
+    max_response_len=96,
+    update_token_budget=8192,
+    logprob_token_budget=16384,
+    lr=1e-4,  # 4e-4 raised the entropy: the format at temperature 1.0 fell apart
+    weight_decay=0.0,
+    warmup_steps=10,
+    kv_cache_gb=0.25,
+    val_every=10,
+    save_every=0,
+    gradient_checkpointing=False,
+)
 
 PRESETS: dict[str, dict] = {
     "octopus-8b-stage1": dict(stage="1"),
     "octopus-8b-stage2": dict(stage="2", kl_coef=0.0, model="runs/octopus-stage1/export"),
-    "gspo-n8": dict(_GSPO, stage="2", n_rollouts=8, n_train=8),
-    "gspo-n16": dict(_GSPO, stage="2", n_rollouts=16, n_train=16),
-    "grpo-n8": dict(_GRPO, stage="2", n_rollouts=8, n_train=8),
-    "grpo-n16": dict(_GRPO, stage="2", n_rollouts=16, n_train=16),
-    "dapo-n16": dict(_GRPO, stage="2", n_rollouts=16, n_train=16, clip_high=0.28),
+    "gspo-n8": dict(_GSPO, n_rollouts=8, n_train=8),
+    "gspo-n16": dict(_GSPO, n_rollouts=16, n_train=16),
+    "grpo-n8": dict(_GRPO, n_rollouts=8, n_train=8),
+    "grpo-n16": dict(_GRPO, n_rollouts=16, n_train=16),
+    "grpo-n16-released": dict(_GRPO_RELEASED, n_rollouts=16, n_train=16),
+    "dapo-n16": dict(_GRPO, n_rollouts=16, n_train=16, clip_dual=10.0),
     # Ablations (Table 3): each changes one thing of the Octopus recipe.
     "ablation-no-augment": dict(stage="1", augment="none", n_train=8),
     "ablation-random-augment": dict(stage="1", augment="random"),
     "ablation-no-stage1": dict(stage="2", kl_coef=0.0),
-    "sft": dict(stage="sft", lr=1e-6, epochs=1),
-    # The CPU demo (FINDINGS.md): a tiny Qwen3-VL learns to count dots; cold start until sampled
-    # accuracy reaches 0.3, then Stage I and Stage II with the RL recipe that learned there.
-    "demo": dict(
-        stages="sft,1,2",
-        model="tiny",
-        out_dir="runs/demo",
-        sft_data="synthetic:4096",
-        train_data="synthetic:4096",
-        val_data="synthetic:256",
-        prompts_per_step=8,
-        mini_batch_prompts=8,
-        max_prompt_len=384,
-        max_response_len=96,
-        update_token_budget=8192,
-        logprob_token_budget=16384,
-        lr=1e-4,  # 4e-4 (FINDINGS.md) raised the entropy: format at temperature 1.0 fell
+    # The cold start (Sec. 4.1): full fine-tune, lr 1e-6, 8192 tokens, 1 epoch (the paper); the
+    # batch, the cosine schedule with 3% warm-up and the image size are the release's, on which
+    # the paper is silent.
+    "sft": dict(
+        stage="sft",
+        lr=1e-6,
+        epochs=1,
+        sft_batch=128,
+        lr_schedule="cosine",
+        warmup_ratio=0.03,
+        max_pixels=262144,
         weight_decay=0.0,
-        warmup_steps=10,
-        kv_cache_gb=0.25,
-        val_every=10,
-        save_every=0,
-        gradient_checkpointing=False,
-        stage_overrides={
-            # the stop rule samples as RL will (temperature 1.0): the format must hold there
-            "sft": dict(
-                lr=1e-3,
-                warmup_steps=20,
-                sft_batch=32,
-                max_steps=400,
-                val_every=25,
-                val_temperature=1.0,
-                val_top_p=1.0,
-                sft_stop_acc=0.3,
-                sft_stop_format=0.9,
-            ),
-            "1": dict(max_steps=30),
-            "2": dict(max_steps=30, kl_coef=0.0),
-        },
     ),
+    # The CPU demo, one preset per stage; `--preset demo` runs the three in sequence.
+    "demo-sft": dict(
+        _DEMO,
+        stage="sft",
+        lr=1e-3,
+        warmup_steps=20,
+        sft_batch=32,
+        max_steps=400,
+        val_every=25,
+        # the stop rule samples as RL will (temperature 1.0): the format must hold there
+        val_temperature=1.0,
+        val_top_p=1.0,
+        sft_stop_acc=0.3,
+        sft_stop_format=0.9,
+    ),
+    "demo-1": dict(_DEMO, stage="1", max_steps=30),
+    "demo-2": dict(_DEMO, stage="2", max_steps=30, kl_coef=0.0),
 }
+
+# Presets run one after the other in one launch, each stage from the previous stage's export,
+# in `out_dir/stage-<stage>`.
+SEQUENCES: dict[str, list[str]] = {"demo": ["demo-sft", "demo-1", "demo-2"]}
 
 
 def preset(name: str, **overrides) -> Config:
-    """The named run of PAPER.md §7 / Tables 2-3, with `overrides` applied on top."""
+    """The named run of Tables 2-3 (or the demo's stage), with `overrides` applied on top."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        known = ", ".join(sorted([*PRESETS, *SEQUENCES]))
+        raise ValueError(f"unknown preset {name!r}; known: {known}")
     return Config().replace(**PRESETS[name]).replace(**overrides)

@@ -1,375 +1,436 @@
 """Octopus training: cold-start SFT, RL Stage I / II and the baselines, torchrun + FSDP2.
 
-    # the CPU demo (tiny model, synthetic task: SFT -> Stage I -> Stage II, ~10 min, 2 cores)
-    torchrun --nproc_per_node=2 train.py --preset demo
-    # one 8-GPU node: the paper's runs (PAPER.md §7); any Config field is a flag
-    torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage1 --model ckpts/coldstart \\
-        --train_data data/virl39k --val_data data/geometry3k/test --out_dir runs/stage1
-    torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage2 --model runs/stage1/export ...
-    # 1 GPU: same command with --nproc_per_node=1 (and smaller --prompts_per_step)
-    # multi-node: torchrun --nnodes=N --node_rank=i --master_addr=HOST --nproc_per_node=8 ...
+    # the CPU demo (tiny model, synthetic task: cold start -> Stage I -> Stage II, 2 cores)
+    .venv/bin/torchrun --nproc_per_node=2 train.py --preset demo
+    # one 8-GPU node, the paper's runs (arXiv 2602.08503); every Config field is a flag (--help)
+    torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage1 --model ckpts/octopus-sft \\
+        --train_data data/ViRL39K --val_data data/geometry3k --out_dir runs/octopus-stage1
+    torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage2 \\
+        --model runs/octopus-stage1/export ... --out_dir runs/octopus-stage2
+    # 1 GPU: --nproc_per_node=1 and a smaller --prompts_per_step; several nodes:
+    torchrun --nnodes=N --node_rank=i --master_addr=HOST --nproc_per_node=8 train.py ...
 
-One RL step (`rl_step`, read it top to bottom): generate n rollouts per prompt with the
-colocated vLLM engine -> score -> splice and mask (augment.py) -> group advantages -> old (and
-Stage I reference) log-probs -> mini-batch updates of the masked GSPO loss -> sync weights into
-the engine -> metrics. Each rank owns its prompts, its engine and whole groups.
+Reading order: `rl_step` (one RL step, the whole method on one screen) -> `make_group`
+(Algorithm 1 and the Sec. 4.3 masks for one prompt) -> `update` and `accumulate_gradients`
+(the masked GSPO loss) -> `validate` -> `sft_step` (the cold start) -> `run_stage` (the loop)
+-> `main`. Distributed plumbing lives in fsdp.py, the packed forward (each prompt once per
+group) in packing.py, the pure parts in reward.py, augment.py and loss.py.
+
+Each rank owns its prompts, its colocated vLLM engine and whole groups; ranks meet only in
+FSDP's collectives and in the counts that normalise the loss over the whole mini-batch.
 
 What this simplifies relative to the paper's EasyR1 runs:
-- one PPO epoch per step (as the paper), no dynamic sampling, no overlong shaping;
-- the learning-rate schedule counts RL steps (warm-up over the first `warmup_steps`);
-- no sequence packing inside a row: micro-batches are formed by a token budget instead.
+- one PPO epoch per step, as the paper; no dynamic sampling, no overlong reward shaping;
+- the learning-rate schedule counts optimizer steps of RL steps (warm-up, then constant or
+  cosine);
+- micro-batches are packed rows of whole prompt groups up to a token budget, not a fixed count
+  of padded sequences (the gradient is the same: the normalizers count the whole mini-batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from collections import defaultdict
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: the engine in process
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from augment import loss_masks, make_rollout, splice_group, transition_counts  # noqa: E402
-from data import load_examples, synthetic_coldstart, synthetic_task  # noqa: E402
-from loss import count_for, group_advantages, policy_loss, sft_loss, stage1_loss, token_logprobs  # noqa: E402
-from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, PRESETS, SC, Config, preset  # noqa: E402
+from augment import (  # noqa: E402
+    Rollout,
+    Sample,
+    count_overlong,
+    loss_masks,
+    make_rollout,
+    splice_group,
+    transition_counts,
+)
+from data import load_examples, prompt_length, synthetic_coldstart, synthetic_task  # noqa: E402
+from fsdp import (  # noqa: E402
+    Metrics,
+    all_reduce,
+    export_hf,
+    free_cache,
+    full_weights,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    log0,
+    micro_batches,
+    save_checkpoint,
+    setup_distributed,
+)
+from loss import count_for, group_advantages, policy_loss, sft_loss, stage1_loss  # noqa: E402
+from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, PRESETS, SC, SEQUENCES, Config, preset  # noqa: E402
+from packing import chunk_groups, pack, response_logprobs  # noqa: E402
 from reward import score_batch  # noqa: E402
-from rollout import Sampling, VLLMEngine, render_prompt  # noqa: E402
+from rollout import (  # noqa: E402
+    Generation,
+    Sampling,
+    VLLMEngine,
+    max_images_of,
+    model_max_len,
+    render_prompt,
+)
 
 # =============================================================================================
-# Distributed set-up, model, optimizer
+# What a step works on
 # =============================================================================================
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """NCCL on GPU, gloo on CPU; works without torchrun as a world of one."""
-    if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, dist.get_world_size(), torch.device("cuda", local)
-    return rank, dist.get_world_size(), torch.device("cpu")
+@dataclasses.dataclass
+class Trainer:
+    """Everything a step touches, built once per stage (`build_trainer`)."""
+
+    cfg: Config
+    model: torch.nn.Module  # the policy, FSDP2-sharded
+    ref_model: torch.nn.Module | None  # Stage I's frozen reference (the stage's start)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: VLLMEngine  # this rank's colocated sampler
+    processor: object  # the Qwen3-VL processor (tokenizer + image processor)
+    device: torch.device
+    train: list[dict]  # examples (data.py)
+    val: list[dict]
+    skipped_rows: int = 0  # bad or over-long rows left out at load, reported in every row
 
 
-def log0(*args) -> None:
-    if dist.get_rank() == 0:
-        print(*args, flush=True)
+@dataclasses.dataclass
+class Item:
+    """One trained sample as the update sees it; masks and log-probs run over `ids`."""
+
+    ids: list[int]  # the response tokens (o1 + SC + o2 + EOS for a spliced sample)
+    advantage: float
+    policy_mask: torch.Tensor  # (len(ids),) 1 = the policy loss trains this token
+    kl_mask: torch.Tensor  # (len(ids),) 1 = the KL to the reference covers this token
+    old_logp: torch.Tensor | None = None  # (len(ids),) the policy at the step's weights
+    ref_logp: torch.Tensor | None = None  # (len(ids),) the reference (Stage I)
 
 
-def load_model(path: str, cfg: Config, device: torch.device, *, trainable: bool = True):
-    """Qwen3-VL, FSDP2-sharded: each vision block, the vision tower, each decoder layer, the
-    root. Gradient checkpointing (non-reentrant) is switched on before sharding."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import Qwen3VLForConditionalGeneration
+@dataclasses.dataclass
+class Group:
+    """One prompt and its training group D (Algorithm 1): the unit of the RL step."""
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device)
-    model.config.use_cache = False
-    if trainable and cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    # bf16 compute with fp32 master weights and reductions on GPU; fp32 on CPU (bf16 there is
-    # ~10x slower, FINDINGS.md)
-    mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if device.type == "cuda"
-        else MixedPrecisionPolicy()
+    example: dict
+    prompt: dict  # the processor's tensors of the prompt, shared by every item
+    generations: list[Generation]  # the n rollouts as sampled (with the engine's log-probs)
+    rollouts: list[Rollout]  # the same, split into o1 / o2 and graded
+    samples: list[Sample]  # originals first, then spliced; items[k] trains samples[k]
+    items: list[Item]
+    too_long: int = 0  # splice candidates left out for exceeding max_response_len
+
+
+# =============================================================================================
+# The RL step (arXiv 2602.08503, Sec. 3-4)
+# =============================================================================================
+
+
+def rl_step(t: Trainer, step: int) -> dict:
+    """One RL step of Octopus or a baseline on this rank's prompts; returns the metrics row."""
+    cfg, clock = t.cfg, Clock()
+    examples = share_of_step(t.train, step, cfg.prompts_per_step, cfg.seed)
+    prompts = [render_prompt(t.processor, e["messages"]) for e in examples]
+    rng = random.Random(cfg.seed * 7919 + step * dist.get_world_size() + dist.get_rank())
+
+    with clock("generate"):  # n rollouts per prompt from the engine, which then sleeps
+        generations = generate(t, prompts, step)
+    with clock("score"):  # Eq. 3 / Eq. 6 (or the baseline reward) for every rollout
+        scores = score_rollouts(t, examples, generations)
+    with clock("augment"):  # Algorithm 1: split, splice, select N; Sec. 4.3 masks; advantages
+        groups = [
+            make_group(t, e, p, g, s, rng)
+            for e, p, g, s in zip(examples, prompts, generations, scores, strict=True)
+        ]
+    minis = mini_batches_of(groups, cfg)
+    with clock("logprobs"):  # old (policy) and, with a KL, reference log-probs
+        later = [g for mini in minis[1:] for g in mini]  # the first mini-batch needs none
+        for group, old in zip(later, logprobs(t, later), strict=True):
+            for item, lp in zip(group.items, old, strict=True):
+                item.old_logp = lp
+        if t.ref_model is not None:
+            for group, ref in zip(groups, logprobs(t, groups, t.ref_model), strict=True):
+                for item, lp in zip(group.items, ref, strict=True):
+                    item.ref_logp = lp
+    with clock("update"):  # one optimizer step per mini-batch of the masked objective
+        stats = [update(t, mini, on_policy=k == 0) for k, mini in enumerate(minis)]
+        t.scheduler.step()
+    with clock("sync"):  # the engine wakes and takes the new weights
+        sync_engine(t)
+    if cfg.dump_every and (step + 1) % cfg.dump_every == 0:
+        dump_groups(t, step, groups)
+    return step_metrics(t, groups, stats, clock)
+
+
+def generate(t: Trainer, prompts: list[dict], step: int) -> list[list[Generation]]:
+    """n rollouts per prompt (training sampling: temperature 1.0, top-p 1.0), then the engine
+    sleeps so the update has the GPU memory."""
+    cfg = t.cfg
+    # the engine samples from torch's RNG: seeded per step and rank, a run is reproducible
+    torch.manual_seed(cfg.seed * 7919 + step * dist.get_world_size() + dist.get_rank())
+    t.engine.wake()
+    sampling = Sampling(
+        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_len
     )
-    kw = dict(mesh=mesh, mp_policy=mp)
-    visual, text = model.model.visual, model.model.language_model
-    for block in visual.blocks:
-        fully_shard(block, **kw)
-    fully_shard(visual, **kw)
-    for layer in text.layers:
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)
-    if not trainable:
-        model.eval().requires_grad_(False)
-    return model
+    groups = t.engine.generate(prompts, cfg.n_rollouts, sampling)
+    t.engine.sleep()
+    return groups
 
 
-def make_optimizer(model, cfg: Config, total_steps: int):
-    """AdamW with linear warm-up then constant lr (PAPER.md §7: 10 warm-up steps)."""
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas
+def score_rollouts(t: Trainer, examples: list[dict], generations: list[list[Generation]]):
+    """reward.score for every rollout, one batch for the whole step (grouped like `generations`)."""
+    tok = t.processor.tokenizer
+    texts = [tok.decode(g.ids, skip_special_tokens=True) for group in generations for g in group]
+    truths = [e["answer"] for e, group in zip(examples, generations, strict=True) for _ in group]
+    flat = score_batch(texts, truths, kind=t.cfg.reward_kind)
+    n = t.cfg.n_rollouts
+    return [flat[k * n : (k + 1) * n] for k in range(len(examples))]
+
+
+def make_group(t: Trainer, example: dict, prompt: dict, generations, scores, rng) -> Group:
+    """One prompt's training group: Algorithm 1's splicing and selection, the masks of
+    Sec. 4.3, and the group advantages `(r - mean) / (std + 1e-6)` over the N samples."""
+    cfg, tok = t.cfg, t.processor.tokenizer
+    rollouts = [
+        make_rollout(g.ids, tok, example["answer"], graded=s)
+        for g, s in zip(generations, scores, strict=True)
+    ]
+    sc_ids = tok.encode(SC, add_special_tokens=False)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    samples = splice_group(rollouts, cfg.n_train, sc_ids, eos, mode=cfg.augment, rng=rng,
+                           max_len=cfg.max_response_len)  # fmt: skip
+    too_long = count_overlong(rollouts, sc_ids, cfg.max_response_len, mode=cfg.augment)
+    advantages = group_advantages(torch.tensor([s.reward for s in samples]))  # (N,)
+    items = []
+    for sample, advantage in zip(samples, advantages.tolist(), strict=True):
+        policy, kl = loss_masks(sample, cfg.stage)
+        if cfg.kl_tokens == "response":
+            kl = [1] * len(sample.ids)
+        items.append(Item(sample.ids, advantage, torch.tensor(policy, dtype=torch.float32),
+                          torch.tensor(kl, dtype=torch.float32)))  # fmt: skip
+    return Group(example, encode_prompt(t.processor, prompt), generations, rollouts, samples,
+                 items, too_long)  # fmt: skip
+
+
+def mini_batches_of(groups: list[Group], cfg: Config) -> list[list[Group]]:
+    """This rank's groups split into the step's mini-batches (one optimizer step each)."""
+    n = max(cfg.prompts_per_step // cfg.mini_batch_prompts, 1)
+    per = len(groups) // n
+    return [groups[k * per : (k + 1) * per] for k in range(n)]
+
+
+# =============================================================================================
+# The update: the masked objective, micro-batch by micro-batch
+# =============================================================================================
+
+
+def update(t: Trainer, groups: list[Group], *, on_policy: bool = False) -> dict:
+    """One optimizer step on one mini-batch: gradients, clipping (1.0), AdamW; the gradients
+    are freed right after, before generation needs the memory."""
+    t.model.train()  # gradient checkpointing only acts in train mode
+    stats = accumulate_gradients(t, groups, on_policy=on_policy)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return {**stats, "grad_norm": float(grad_norm)}
+
+
+def accumulate_gradients(t: Trainer, groups: list[Group], *, on_policy: bool = False) -> dict:
+    """Backward of the masked objective over this rank's share of one mini-batch.
+
+    Policy loss on the policy mask (Eq. 2 / Eq. 5 with the Sec. 4.3 masks) plus, with a
+    reference model, `kl_coef` x k3 KL on the KL mask. The normalizers count the whole
+    mini-batch on all ranks (loss.py), so the summed gradient does not depend on how samples
+    are split over micro-batches or ranks. `on_policy`: the first mini-batch of a step runs at
+    the very weights the old log-probs would come from, so its own log-probs, detached, are
+    the old ones (ratio exactly 1, no separate pass, no noise from another micro-batch shape).
+    """
+    cfg = t.cfg
+    items = [it for g in groups for it in g.items]
+    policy_count, kl_count = all_reduce(
+        [
+            sum(float(count_for(it.policy_mask[None], cfg.agg)) for it in items),
+            sum(float(count_for(it.kl_mask[None], cfg.agg)) for it in items),
+        ]
     )
-    warmup = max(cfg.warmup_steps, 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0
-    )
-    return opt, sched
+    kw = dict(ratio=cfg.ratio, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+              clip_dual=cfg.clip_dual, agg=cfg.agg)  # fmt: skip
+    stats, real_passes = {}, 0
+    for chunk, logps, weight in forward_chunks(t, t.model, groups, cfg.update_token_budget):
+        batch = [groups[g].items[k] for g, ks in chunk for k in ks]
+        if on_policy and weight:
+            for it, lp in zip(batch, logps, strict=True):
+                it.old_logp = lp.detach().cpu()
+        logp = pad_sequence(logps, batch_first=True)  # (B, R)
+        old = pad(
+            [lp.detach() for lp in logps] if on_policy else [it.old_logp for it in batch], t
+        )  # (B, R)
+        policy_mask = pad([it.policy_mask for it in batch], t)  # (B, R)
+        advantages = torch.tensor([it.advantage for it in batch], device=t.device)  # (B,)
+        if t.ref_model is not None:
+            loss, m = stage1_loss(logp, old, pad([it.ref_logp for it in batch], t), advantages,
+                                  policy_mask, pad([it.kl_mask for it in batch], t),
+                                  kl_coef=cfg.kl_coef, policy_normalizer=policy_count,
+                                  kl_normalizer=kl_count, **kw)  # fmt: skip
+        else:
+            loss, m = policy_loss(logp, old, advantages, policy_mask, normalizer=policy_count, **kw)
+        (loss * weight).backward()
+        if weight:
+            real_passes += 1
+            for name, value in m.items():
+                stats[name] = stats.get(name, 0.0) + value
+    return {k: v / max(real_passes, 1) for k, v in stats.items() if k != "tokens"}
 
 
-# =============================================================================================
-# Batches: prompt + response -> model inputs; micro-batches by token budget
-# =============================================================================================
+def forward_chunks(t: Trainer, model, groups: list[Group], budget: int):
+    """Yield `(chunk, logps, weight)` per micro-batch: `chunk` lists `(group, item indices)`,
+    `logps` the log-probs of those items' tokens (one (n,) tensor each, in chunk order),
+    `weight` what the micro-batch's loss is multiplied by (fsdp.micro_batches: 0 for the empty
+    passes that keep ranks in step, else the world size).
+
+    Each group's prompt runs once per micro-batch it appears in (packing.py), not once per
+    sample: with 16 samples per prompt that removes most of the prompt tokens of the update and
+    of both log-prob passes.
+    """
+    prompt_lens = [g.prompt["input_ids"].shape[1] for g in groups]
+    response_lens = [[len(it.ids) for it in g.items] for g in groups]
+    chunks = chunk_groups(prompt_lens, response_lens, budget, shared=t.cfg.shared_prompt)
+    costs = [prompt_lens[g] + sum(response_lens[g][k] for k in ks) for g, ks in chunks]
+    rope_index = model.model.get_rope_index
+    for indices, weight in micro_batches(costs, budget):
+        chunk = [chunks[i] for i in indices]
+        packed = pack([(groups[g].prompt, [groups[g].items[k].ids for k in ks]) for g, ks in chunk],
+                      rope_index)  # fmt: skip
+        yield chunk, response_logprobs(model, packed, t.device, t.cfg.temperature), weight
 
 
-def encode_prompt(processor, prompt: dict) -> dict:
-    """The processor's tensors for one rendered prompt (ids, image patches, grid, token types)."""
-    images = prompt["images"] or None
-    enc = processor(text=[prompt["prompt"]], images=images, return_tensors="pt")
-    return {k: v for k, v in enc.items() if k != "attention_mask"}
-
-
-def collate(encoded: list[dict], responses: list[list[int]], pad_id: int) -> dict:
-    """Left-pad prompts and right-pad responses so every response starts at the same position:
-    one slice of the logits then holds every response token.
-    Returns model inputs plus `labels` (B, R) and `response_mask` (B, R)."""
-    P = max(e["input_ids"].shape[1] for e in encoded)  # longest prompt
-    R = max(len(r) for r in responses)  # longest response
-    B = len(encoded)
-    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)  # (B, P + R)
-    attention = torch.zeros((B, P + R), dtype=torch.long)  # (B, P + R)
-    types = torch.zeros((B, P + R), dtype=torch.long)  # (B, P + R)
-    labels = torch.full((B, R), pad_id, dtype=torch.long)  # (B, R)
-    response_mask = torch.zeros((B, R))  # (B, R)
-    for b, (e, r) in enumerate(zip(encoded, responses, strict=True)):
-        n = e["input_ids"].shape[1]
-        input_ids[b, P - n : P] = e["input_ids"][0]
-        types[b, P - n : P] = e["mm_token_type_ids"][0]
-        input_ids[b, P : P + len(r)] = torch.tensor(r)
-        attention[b, P - n : P + len(r)] = 1
-        labels[b, : len(r)] = torch.tensor(r)
-        response_mask[b, : len(r)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": types}
-    with_images = [e for e in encoded if "pixel_values" in e]
-    if with_images:
-        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
-        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
-    return {"inputs": batch, "labels": labels, "response_mask": response_mask, "R": R}
-
-
-def response_logprobs(
-    model, batch: dict, device: torch.device, temperature: float = 1.0
-) -> torch.Tensor:
-    """log p of each response token (B, R), from one forward that keeps only the logits of the
-    response positions (the last R + 1; the final one predicts past the end)."""
-    inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
-    logits = model(**inputs, logits_to_keep=batch["R"] + 1).logits[:, :-1]  # (B, R, V)
-    return token_logprobs(logits, batch["labels"].to(device), temperature)  # (B, R)
-
-
-def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices grouped into micro-batches whose padded size (count x longest) stays within
-    `budget` tokens; sorted by length so that padding is small. A longer-than-budget item
-    gets a micro-batch of its own."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        if current and (len(current) + 1) * lengths[i] > budget:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pack_for_ranks(lengths: list[int], budget: int) -> list[list[int]]:
-    """`pack_by_tokens`, padded with empty micro-batches to the largest count of any rank.
-    FSDP runs its collectives once per forward and backward, so every rank must run the same
-    number of passes (an empty micro-batch becomes a zero-weight pass); otherwise ranks hang."""
-    batches = pack_by_tokens(lengths, budget)
-    n = torch.tensor([len(batches)])
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return batches + [[] for _ in range(int(n) - len(batches))]
-
-
-# =============================================================================================
-# Data
-# =============================================================================================
-
-
-def load_split(spec: str, cfg: Config, *, seed: int, sft: bool = False) -> tuple[list[dict], int]:
-    """Examples of `spec` ("synthetic:N" for the demo's dot counting, else a path for
-    data.py), and the number of bad rows skipped (reported, never silently dropped)."""
-    suffix = OCTOPUS_SUFFIX if cfg.prompt_suffix == "octopus" else BASELINE_SUFFIX
-    if spec.startswith("synthetic:"):
-        examples = synthetic_task(int(spec.split(":")[1]), seed=seed, suffix=suffix)
-        if sft:
-            rng = random.Random(seed)
-            for e in examples:
-                e["response"] = synthetic_coldstart(e, rng)
-        return examples, 0
-    examples, report = load_examples(
-        spec, suffix=suffix, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
-    )
-    if report.skipped:
-        log0(f"[data] {spec}: {report.summary()}")
-    if sft:
-        missing = [e["id"] for e in examples if not e.get("response")]
-        if missing:
-            log0(
-                f"[data] {spec}: {len(missing)} rows without a 'response' skipped (e.g. {missing[:3]})"
-            )
-        examples = [e for e in examples if e.get("response")]
-    return examples, len(report.skipped)
-
-
-def prompts_of_step(n_examples: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Example indices of global step `step`: epochs are seeded permutations read in order, so
-    a resumed run continues exactly where it stopped and never repeats a prompt of an epoch."""
-    out = []
-    start = step * per_step
-    for pos in range(start, start + per_step):
-        epoch, k = divmod(pos, n_examples)
-        perm = list(range(n_examples))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-        out.append(perm[k])
+@torch.no_grad()
+def logprobs(t: Trainer, groups: list[Group], model=None) -> list[list[torch.Tensor]]:
+    """log-probs of every item of `groups` under `model` (default: the policy), per group and
+    item, on the CPU. Eval mode: nothing to checkpoint without gradients."""
+    if not groups:  # every rank has the same mini-batch structure: all skip together
+        return []
+    model = model if model is not None else t.model
+    model.eval()
+    out = [[None] * len(g.items) for g in groups]
+    for chunk, logps, weight in forward_chunks(t, model, groups, t.cfg.logprob_token_budget):
+        if weight:  # an empty pass's results are not kept
+            at = iter(logps)
+            for g, ks in chunk:
+                for k in ks:
+                    out[g][k] = next(at).cpu()
     return out
 
 
-# =============================================================================================
-# Checkpoints: sharded DCP, written to a temporary name and renamed when complete
-# =============================================================================================
+def pad(rows: list[torch.Tensor], t: Trainer) -> torch.Tensor:
+    """Right-pad 1-D tensors with zeros and stack them on the device: (B, longest)."""
+    return pad_sequence([r.to(t.device) for r in rows], batch_first=True)
 
 
-def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler) -> str:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    final = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
-    tmp = final + ".tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-    }
-    dcp.save(state, checkpoint_id=tmp)
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    torch.save(rng, os.path.join(tmp, f"rng_rank{dist.get_rank()}.pt"))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(
-                {"step": step, "scheduler": scheduler.state_dict(), "world": dist.get_world_size()},
-                f,
-            )
-        os.rename(tmp, final)  # complete: only now can a resume see it
-    dist.barrier()
-    return final
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    """Newest complete checkpoint: half-written ones (`*.tmp`, or no trainer.json) are ignored."""
-    done = [
-        p
-        for p in glob.glob(os.path.join(out_dir, "checkpoints", "step_*"))
-        if not p.endswith(".tmp") and os.path.exists(os.path.join(p, "trainer.json"))
-    ]
-    return max(done, default=None)
-
-
-def load_checkpoint(path: str, model, optimizer, scheduler) -> int:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-    }
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
-    with open(os.path.join(path, "trainer.json")) as f:
-        meta = json.load(f)
-    scheduler.load_state_dict(meta["scheduler"])
-    rng_file = os.path.join(path, f"rng_rank{dist.get_rank()}.pt")
-    if os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-    return meta["step"]
-
-
-def export_hf(model, processor, path: str) -> None:
-    """Full model + processor in the Hugging Face layout (`save_pretrained`), from rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    if dist.get_rank() == 0:
-        model.save_pretrained(path, state_dict=full)
-        processor.save_pretrained(path)
-    dist.barrier()
-
-
-def sync_engine(t) -> None:
-    """Trainer weights -> engine: wake the weights, load, then wake the KV cache (GPU)."""
+def sync_engine(t: Trainer) -> None:
+    """Trainer weights -> engine: free the cache, wake the weights, load them, wake the KV cache
+    (the order of EasyR1, TRL and verl: the KV cache is allocated after the weights are in)."""
+    free_cache()
     t.engine.wake(["weights"])
     t.engine.sync_weights(full_weights(t.model))
     t.engine.wake(["kv_cache"])
 
 
-def full_weights(model):
-    """(name, full tensor) pairs, one all-gather at a time, on every rank: each rank's engine
-    needs the whole model (gathering to rank 0 only leaves the other engines stale)."""
-    for name, value in model.state_dict().items():
-        yield name, value.full_tensor() if hasattr(value, "full_tensor") else value
+def encode_prompt(processor, prompt: dict) -> dict:
+    """The processor's tensors for one rendered prompt (ids, image patches, grid, token types)."""
+    enc = processor(text=[prompt["prompt"]], images=prompt["images"] or None, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k != "attention_mask"}
 
 
 # =============================================================================================
-# Metrics
+# Metrics and the samples dump
 # =============================================================================================
 
 
-class Metrics:
-    """Sums and counts per name on this rank, reduced across ranks once per step."""
+class Clock:
+    """`with clock("phase"):` adds the phase's wall-clock seconds to `clock.seconds`."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, float] = defaultdict(float)
+        self.seconds: dict[str, float] = {}
 
-    def add(self, name: str, value: float, count: float = 1.0) -> None:
-        """A value to average (over everything added under `name`, on all ranks)."""
-        self.sums[name] += value * count
-        self.counts[name] += count
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
-    def add_total(self, name: str, value: float) -> None:
-        """A count to sum over ranks (reported as the total, not a mean)."""
-        self.sums[name] += value
 
-    def reduce(self) -> dict[str, float]:
-        names = sorted(self.sums)
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, names)
-        names = sorted({n for ns in gathered for n in ns})
-        t = torch.tensor(
-            [[self.sums.get(n, 0.0), self.counts.get(n, 0.0)] for n in names], dtype=torch.float64
-        )
-        dist.all_reduce(t)
-        return {n: (s / c if c else s) for n, (s, c) in zip(names, t.tolist(), strict=True)}
+def step_metrics(t: Trainer, groups: list[Group], stats: list[dict], clock: Clock) -> dict:
+    """The step's row: rewards and accuracies of the generated rollouts, w->c and the other
+    transitions before and after splicing, the loss statistics, the engine/trainer log-prob gap,
+    seconds per phase; averaged or summed over ranks."""
+    m = Metrics()
+    for g in groups:
+        for r, gen, item in zip(g.rollouts, g.generations, g.items, strict=False):
+            m.add("reward", r.reward)
+            m.add("acc_o1", float(r.o1_correct))
+            m.add("acc_final", float(r.final_correct))
+            m.add("format", float(r.sc_at is not None and min(r.o1_format, r.o2_format) == 1.0))
+            m.add("corrects_itself", float(r.sc_at is not None))
+            m.add("response_len", len(gen.ids))
+            m.add("truncated", float(gen.finish_reason == "length"))
+            if gen.ids:  # the originals come first; a large gap means a stale engine
+                gap = (item.old_logp - torch.tensor(gen.logprobs)).abs().mean()
+                m.add("logprob_gap", float(gap))
+        for name, value in transition_counts(g.rollouts).items():
+            m.add_total(f"gen_{name}", value)  # w->c etc. among generated rollouts
+        for name, value in transition_counts(g.samples).items():
+            m.add_total(f"train_{name}", value)  # ... and among trained samples
+        m.add("samples_per_prompt", len(g.samples))
+        m.add_total("splice_too_long", g.too_long)
+    for s in stats:
+        for name, value in s.items():
+            if name != "grad_norm":
+                m.add(name, value)
+        m.add("grad_norm", s["grad_norm"])
+    for phase, seconds in clock.seconds.items():
+        m.add(f"time_{phase}", seconds)
+    row = m.reduce()
+    row["lr"] = t.scheduler.get_last_lr()[0]
+    row["data_skipped"] = t.skipped_rows
+    return row
+
+
+def dump_groups(t: Trainer, step: int, groups: list[Group]) -> None:
+    """A few trained groups as readable JSON lines in `out_dir/samples.jsonl` (rank 0): the
+    original and spliced texts, kind, reward, advantage, and which part the policy loss trains."""
+    if dist.get_rank() != 0:
+        return
+    tok = t.processor.tokenizer
+    with open(os.path.join(t.cfg.out_dir, "samples.jsonl"), "a") as f:
+        for g in groups[: t.cfg.dump_groups]:
+            rows = []
+            for s, it in zip(g.samples, g.items, strict=True):
+                trained = int(it.policy_mask.sum())
+                cut = len(s.ids) - trained if 0 < trained < len(s.ids) else 0
+                rows.append({
+                    "kind": s.kind, "source": list(s.source), "reward": round(s.reward, 4),
+                    "advantage": round(it.advantage, 4),
+                    "trains": "all" if cut == 0 and trained else ("none" if not trained else "o2"),
+                    "kl_tokens": int(it.kl_mask.sum()),
+                    "masked_text": tok.decode(s.ids[:cut]) if cut else "",
+                    "trained_text": tok.decode(s.ids[cut:]),
+                })  # fmt: skip
+            question = " ".join(c["text"] for c in g.example["messages"][0]["content"]
+                                if c["type"] == "text")  # fmt: skip
+            f.write(json.dumps({"step": step + 1, "id": g.example["id"], "answer":
+                                g.example["answer"], "question": question[:300],
+                                "samples": rows}) + "\n")  # fmt: skip
 
 
 def log_row(out_dir: str, row: dict) -> None:
@@ -379,258 +440,13 @@ def log_row(out_dir: str, row: dict) -> None:
 
 
 # =============================================================================================
-# The RL step
+# Validation (the paper's setup: temperature 0.6, top-p 0.95, the baseline reward)
 # =============================================================================================
 
 
-@dataclasses.dataclass
-class Trainer:
-    """Everything a step touches, built once per stage."""
-
-    cfg: Config
-    model: object
-    ref_model: object | None
-    optimizer: object
-    scheduler: object
-    engine: VLLMEngine
-    processor: object
-    device: torch.device
-    train: list[dict]
-    val: list[dict]
-    skipped_rows: int = 0
-
-
-def rl_step(t: Trainer, step: int) -> dict:
-    """One RL step of Octopus (PAPER.md §3-5) or a baseline, on this rank's prompts."""
-    cfg, tok = t.cfg, t.processor.tokenizer
-    rank, world = dist.get_rank(), dist.get_world_size()
-    metrics, times = Metrics(), {}
-    per_rank = cfg.prompts_per_step // world
-    idx = prompts_of_step(len(t.train), step, cfg.prompts_per_step, cfg.seed)[
-        rank * per_rank : (rank + 1) * per_rank
-    ]
-    examples = [t.train[i] for i in idx]
-    prompts = [render_prompt(t.processor, e["messages"]) for e in examples]
-
-    # -- 1. generate n rollouts per prompt ------------------------------------------------------
-    clock = time.perf_counter()
-    torch.manual_seed(cfg.seed * 7919 + step * world + rank)  # the engine samples from torch's RNG
-    t.engine.wake()
-    sampling = Sampling(
-        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_len
-    )
-    groups = t.engine.generate(prompts, cfg.n_rollouts, sampling)
-    t.engine.sleep()  # GPU: free the KV cache and weights for the update
-    times["generate"] = time.perf_counter() - clock
-
-    # -- 2. score ----------------------------------------------------------------------------
-    clock = time.perf_counter()
-    flat = [(p, g) for p, group in enumerate(groups) for g in group]
-    truths = [examples[p]["answer"] for p, _ in flat]
-    scores = score_batch(
-        [tok.decode(g.ids, skip_special_tokens=True) for _, g in flat], truths, kind=cfg.reward_kind
-    )
-    times["score"] = time.perf_counter() - clock
-
-    # -- 3. augment: split, splice, mask (Algorithm 1, §4) -------------------------------------
-    clock = time.perf_counter()
-    sc_ids = tok.encode(SC, add_special_tokens=False)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    rng = random.Random(cfg.seed * 7919 + step * world + rank)
-    samples, sample_prompt, rollouts_all, originals = [], [], [], []
-    for p in range(len(prompts)):
-        members = [k for k, (q, _) in enumerate(flat) if q == p]
-        rollouts = [make_rollout(flat[k][1].ids, tok, truths[k], graded=scores[k]) for k in members]
-        rollouts_all += rollouts
-        originals += range(len(samples), len(samples) + len(rollouts))  # groups start with them
-        group = splice_group(rollouts, cfg.n_train, sc_ids, eos, mode=cfg.augment, rng=rng)
-        samples += group
-        sample_prompt += [p] * len(group)
-    masks = [loss_masks(s, cfg.stage) for s in samples]
-    times["augment"] = time.perf_counter() - clock
-
-    # -- 4. group advantages (over the trained group of each prompt, §5) ------------------------
-    rewards = torch.tensor([s.reward for s in samples])  # (S,)
-    advantages = group_advantages(rewards, torch.tensor(sample_prompt), eps=1e-6)  # (S,)
-
-    # -- 5. old log-probs (policy) and, in Stage I, reference log-probs -------------------------
-    clock = time.perf_counter()
-    encoded = [encode_prompt(t.processor, p) for p in prompts]
-    items = [
-        Item(
-            encoded[sample_prompt[k]],
-            s.ids,
-            torch.tensor(masks[k][0], dtype=torch.float32),
-            torch.tensor(masks[k][1], dtype=torch.float32),
-            float(advantages[k]),
-        )
-        for k, s in enumerate(samples)
-    ]
-    with torch.no_grad():  # spliced samples are new sequences: their old log-probs come from here
-        for mb in pack_for_ranks([it.length for it in items], cfg.logprob_token_budget):
-            ks = mb or [0]  # an empty micro-batch still runs a pass (FSDP collectives)
-            batch = collate(
-                [items[k].prompt for k in ks], [items[k].ids for k in ks], tok.pad_token_id
-            )
-            lp = response_logprobs(t.model, batch, t.device, cfg.temperature).cpu()  # (B, R)
-            rp = (
-                response_logprobs(t.ref_model, batch, t.device, cfg.temperature).cpu()
-                if t.ref_model is not None
-                else None
-            )
-            for row, k in enumerate(mb):  # nothing is kept from an empty micro-batch's pass
-                items[k].old_logp = lp[row, : len(items[k].ids)]
-                items[k].ref_logp = rp[row, : len(items[k].ids)] if rp is not None else None
-    times["logprobs"] = time.perf_counter() - clock
-    # engine vs trainer log-probs of the same sampled tokens: a large gap means a stale engine
-    gap = [
-        (items[k].old_logp - torch.tensor(flat[j][1].logprobs)).abs().mean().item()
-        for j, k in enumerate(originals)
-        if flat[j][1].ids
-    ]
-
-    # -- 6. mini-batch updates of the masked objective ------------------------------------------
-    clock = time.perf_counter()
-    n_mini = max(cfg.prompts_per_step // cfg.mini_batch_prompts, 1)
-    grad_norms = []
-    for mini in range(n_mini):
-        lo, hi = mini * len(prompts) // n_mini, (mini + 1) * len(prompts) // n_mini
-        stats = update_minibatch(
-            t, [it for k, it in enumerate(items) if lo <= sample_prompt[k] < hi]
-        )
-        grad_norms.append(stats.pop("grad_norm"))
-        for name, value in stats.items():
-            metrics.add(name, value)
-    t.scheduler.step()
-    times["update"] = time.perf_counter() - clock
-
-    # -- 7. sync the new weights into the engine -----------------------------------------------
-    clock = time.perf_counter()
-    sync_engine(t)
-    times["sync"] = time.perf_counter() - clock
-
-    # -- 8. metrics -------------------------------------------------------------------------
-    for s in scores:
-        metrics.add("reward", s.reward)
-        metrics.add("acc_o1", s.acc_o1)
-        metrics.add("acc_final", s.acc_final)
-        metrics.add("format", float(s.has_correction and s.format == 1.0))
-        metrics.add("corrects_itself", float(s.has_correction))
-    for g in groups:
-        for gen in g:
-            metrics.add("response_len", len(gen.ids))
-    for name, value in transition_counts(rollouts_all).items():
-        metrics.add_total(f"gen_{name}", value)  # w->c etc. among generated rollouts
-    for name, value in transition_counts(samples).items():
-        metrics.add_total(f"train_{name}", value)  # ... and among trained samples
-    metrics.add("samples_per_prompt", len(samples) / max(len(prompts), 1))
-    metrics.add("logprob_gap", sum(gap) / max(len(gap), 1))
-    for name, value in times.items():
-        metrics.add(f"time_{name}", value)
-    row = metrics.reduce()
-    row["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    row["lr"] = t.scheduler.get_last_lr()[0]
-    row["data_skipped"] = t.skipped_rows
-    return row
-
-
-def pad_stack(rows: list[torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
-    """Right-pad 1-D tensors with zeros to `length` and stack them: (B, length)."""
-    return torch.stack([torch.nn.functional.pad(r, (0, length - len(r))) for r in rows]).to(device)
-
-
-@dataclasses.dataclass
-class Item:
-    """One training sample as the update sees it; masks and log-probs are over `ids`."""
-
-    prompt: dict  # encode_prompt's tensors
-    ids: list[int]
-    policy_mask: torch.Tensor  # (len(ids),)
-    kl_mask: torch.Tensor  # (len(ids),)
-    advantage: float
-    old_logp: torch.Tensor | None = None  # (len(ids),)
-    ref_logp: torch.Tensor | None = None  # (len(ids),)
-
-    @property
-    def length(self) -> int:
-        return self.prompt["input_ids"].shape[1] + len(self.ids)
-
-
-def accumulate_gradients(t: Trainer, items: list[Item]) -> dict:
-    """Backward of the masked objective over this rank's share of one mini-batch, micro-batch
-    by micro-batch. The normalizers count the whole mini-batch on all ranks (loss.py), so the
-    summed gradient does not depend on how the samples are split over micro-batches or ranks."""
-    cfg, world = t.cfg, dist.get_world_size()
-    stage1 = cfg.stage == "1" and t.ref_model is not None and cfg.kl_coef > 0
-    counts = torch.tensor(
-        [
-            sum(count_for(it.policy_mask[None], cfg.agg) for it in items),
-            sum(count_for(it.kl_mask[None], cfg.agg) for it in items),
-        ],
-        dtype=torch.float64,
-    )
-    dist.all_reduce(counts)
-    kw = dict(
-        ratio=cfg.ratio,
-        clip_low=cfg.clip_low,
-        clip_high=cfg.clip_high,
-        clip_dual=cfg.clip_dual,
-        agg=cfg.agg,
-    )
-    stats: dict[str, float] = defaultdict(float)
-    batches = pack_for_ranks([it.length for it in items], cfg.update_token_budget)
-    for mb in batches:
-        chunk = [items[i] for i in mb or [0]]  # an empty micro-batch: a zero-weight pass
-        batch = collate(
-            [it.prompt for it in chunk],
-            [it.ids for it in chunk],
-            t.processor.tokenizer.pad_token_id,
-        )
-        R = batch["R"]
-        policy_mask = pad_stack([it.policy_mask for it in chunk], R, t.device)  # (B, R)
-        old = pad_stack([it.old_logp for it in chunk], R, t.device)  # (B, R)
-        adv = torch.tensor([it.advantage for it in chunk], device=t.device)  # (B,)
-        logp = response_logprobs(t.model, batch, t.device, cfg.temperature)  # (B, R)
-        if stage1:
-            kl_mask = pad_stack([it.kl_mask for it in chunk], R, t.device)  # (B, R)
-            ref = pad_stack([it.ref_logp for it in chunk], R, t.device)  # (B, R)
-            loss, m = stage1_loss(
-                logp,
-                old,
-                ref,
-                adv,
-                policy_mask,
-                kl_mask,
-                kl_coef=cfg.kl_coef,
-                policy_normalizer=counts[0],
-                kl_normalizer=counts[1],
-                **kw,
-            )
-        else:
-            loss, m = policy_loss(logp, old, adv, policy_mask, normalizer=counts[0], **kw)
-        # FSDP averages gradients over ranks; the normalizers already span all ranks, so undo
-        # the average: the summed gradient is the mini-batch gradient.
-        (loss * world * bool(mb)).backward()
-        for name, value in m.items():
-            if name != "tokens" and mb:
-                stats[name] += value / sum(map(bool, batches))
-    return dict(stats)
-
-
-def update_minibatch(t: Trainer, items: list[Item]) -> dict:
-    """One optimizer step: gradients of one mini-batch, clipped (PAPER.md §7: 1.0), AdamW."""
-    t.optimizer.zero_grad(set_to_none=True)
-    stats = accumulate_gradients(t, items)
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
-    stats["grad_norm"] = float(
-        grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    )
-    t.optimizer.step()
-    return stats
-
-
 def validate(t: Trainer, step: int) -> dict:
-    """Validation (PAPER.md §7): temperature 0.6, top-p 0.95, the baseline reward."""
+    """Sampled accuracy of o1 and of the final answer, reward and format on the validation
+    prompts, spread over the ranks."""
     cfg, tok = t.cfg, t.processor.tokenizer
     rank, world = dist.get_rank(), dist.get_world_size()
     val = t.val[: cfg.val_max_prompts] if cfg.val_max_prompts else t.val
@@ -639,15 +455,9 @@ def validate(t: Trainer, step: int) -> dict:
     if mine:
         prompts = [render_prompt(t.processor, e["messages"]) for e in mine]
         torch.manual_seed(cfg.seed + 104_729 * (step + 1) + rank)
-        groups = t.engine.generate(
-            prompts,
-            cfg.val_n,
-            Sampling(
-                temperature=cfg.val_temperature,
-                top_p=cfg.val_top_p,
-                max_tokens=cfg.max_response_len,
-            ),
-        )
+        sampling = Sampling(temperature=cfg.val_temperature, top_p=cfg.val_top_p,
+                            max_tokens=cfg.max_response_len)  # fmt: skip
+        groups = t.engine.generate(prompts, cfg.val_n, sampling)
         texts = [tok.decode(g.ids, skip_special_tokens=True) for group in groups for g in group]
         truths = [e["answer"] for e in mine for _ in range(cfg.val_n)]
         for s in score_batch(texts, truths, kind="baseline"):
@@ -659,58 +469,49 @@ def validate(t: Trainer, step: int) -> dict:
 
 
 # =============================================================================================
-# SFT (cold start, §4.1)
+# The cold start (Sec. 4.1): SFT on o1 + SC + o2 chats
 # =============================================================================================
 
 
 def sft_step(t: Trainer, step: int) -> dict:
-    """One optimizer step of the cold start: NLL of `o1 + SC + o2` responses, response tokens only."""
+    """One optimizer step of the cold start: mean NLL over the response tokens of the batch."""
     cfg, tok = t.cfg, t.processor.tokenizer
-    rank, world = dist.get_rank(), dist.get_world_size()
-    clock = time.perf_counter()
-    per_rank = cfg.sft_batch // world
-    idx = prompts_of_step(len(t.train), step, cfg.sft_batch, cfg.seed)[
-        rank * per_rank : (rank + 1) * per_rank
-    ]
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    examples = [t.train[i] for i in idx]
-    encoded = [
-        encode_prompt(t.processor, render_prompt(t.processor, e["messages"])) for e in examples
-    ]
-    responses = [
-        tok.encode(e["response"], add_special_tokens=False)[: cfg.sft_max_len] + [eos]
-        for e in examples
-    ]
-    lengths = [e["input_ids"].shape[1] + len(r) for e, r in zip(encoded, responses, strict=True)]
-    total = torch.tensor([float(sum(map(len, responses)))], dtype=torch.float64)
-    dist.all_reduce(total)
-    t.optimizer.zero_grad(set_to_none=True)
-    loss_sum = 0.0
-    for mb in pack_for_ranks(lengths, cfg.update_token_budget):
-        ks = mb or [0]  # an empty micro-batch: a zero-weight pass (FSDP collectives)
-        batch = collate([encoded[k] for k in ks], [responses[k] for k in ks], tok.pad_token_id)
-        inputs = {k: v.to(t.device) for k, v in batch["inputs"].items()}
-        logits = t.model(**inputs, logits_to_keep=batch["R"] + 1).logits[:, :-1]  # (B, R, V)
-        loss = sft_loss(
-            logits,
-            batch["labels"].to(t.device),
-            batch["response_mask"].to(t.device),
-            normalizer=total,
-        )
-        (loss * world * bool(mb)).backward()
-        loss_sum += loss.item() * bool(mb)  # this rank's share of the global mean
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    t.optimizer.step()
-    t.scheduler.step()
+    clock = Clock()
+    with clock("update"):
+        examples = share_of_step(t.train, step, cfg.sft_batch, cfg.seed)
+        eos = tok.convert_tokens_to_ids("<|im_end|>")
+        groups = [
+            Group(e, encode_prompt(t.processor, render_prompt(t.processor, e["messages"])), [],
+                  [], [], [_sft_item(tok.encode(e["response"], add_special_tokens=False)
+                                     [: cfg.sft_max_len] + [eos])])
+            for e in examples
+        ]  # fmt: skip
+        total = all_reduce([sum(len(g.items[0].ids) for g in groups)])[0]
+        t.model.train()
+        loss_sum = 0.0
+        for _, logps, weight in forward_chunks(t, t.model, groups, cfg.update_token_budget):
+            logp = pad_sequence(logps, batch_first=True)  # (B, R)
+            mask = pad([torch.ones(len(lp)) for lp in logps], t)  # (B, R)
+            loss = sft_loss(logp, mask, normalizer=total)  # mean NLL over the whole batch
+            (loss * weight).backward()
+            loss_sum += loss.item() * bool(weight)  # this rank's share of the global mean
+        grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scheduler.step()
     m = Metrics()
     m.add_total("sft_loss", loss_sum)  # the shares of all ranks add up to the global mean
-    m.add("time_update", time.perf_counter() - clock)
+    m.add("time_update", clock.seconds["update"])
     row = m.reduce()
-    row.update(
-        grad_norm=float(grad_norm), lr=t.scheduler.get_last_lr()[0], data_skipped=t.skipped_rows
-    )
+    row.update(grad_norm=float(grad_norm), lr=t.scheduler.get_last_lr()[0],
+               data_skipped=t.skipped_rows, engine_asleep=float(t.engine.asleep))  # fmt: skip
     return row
+
+
+def _sft_item(ids: list[int]) -> Item:
+    ones = torch.ones(len(ids))
+    return Item(ids, 0.0, ones, torch.zeros(len(ids)))
 
 
 # =============================================================================================
@@ -718,13 +519,52 @@ def sft_step(t: Trainer, step: int) -> dict:
 # =============================================================================================
 
 
+def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLMEngine]:
+    """Train one stage ("sft", "1" or "2") from `cfg.model`. Returns the exported checkpoint and
+    the engine, which a following stage reuses (a sync replaces its weights)."""
+    t, start, total_steps = build_trainer(cfg, engine)
+    rank, sft = dist.get_rank(), cfg.stage == "sft"
+    wandb = _wandb(cfg) if rank == 0 and cfg.wandb_project else None
+    bar = tqdm(range(start, total_steps), disable=rank != 0, desc=f"stage {cfg.stage}",
+               initial=start, total=total_steps)  # fmt: skip
+    for step in bar:
+        row = sft_step(t, step) if sft else rl_step(t, step)
+        if cfg.val_every and t.val and (step + 1) % cfg.val_every == 0:
+            if sft:  # RL steps end with a sync; SFT wakes the engine only to validate
+                sync_engine(t)
+            row.update(validate(t, step))
+            if sft:
+                t.engine.sleep()
+        row = {"stage": cfg.stage, "step": step + 1, **row}
+        log_row(cfg.out_dir, row)
+        if wandb:
+            wandb.log(row, step=step + 1)
+        shown = ("reward", "acc_final", "format", "sft_loss", "val_acc_final")
+        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in shown})
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save_checkpoint(cfg.out_dir, step + 1, t.model, t.optimizer, t.scheduler,
+                            keep=cfg.keep_checkpoints)  # fmt: skip
+        if sft and (cfg.sft_stop_acc or cfg.sft_stop_format) and "val_acc_final" in row:
+            acc, fmt = row["val_acc_final"], row["val_format"]
+            if acc >= cfg.sft_stop_acc and fmt >= cfg.sft_stop_format:
+                log0(f"[sft] sampled accuracy {acc:.2f}, well-formed {fmt:.2f}: cold start done")
+                break
+    export = os.path.join(cfg.out_dir, "export")
+    if cfg.export:
+        export_hf(t.model, t.processor, export)
+        log0(f"[{cfg.stage}] exported {export}")
+    return export, t.engine
+
+
 def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Trainer, int, int]:
-    """Data, policy (and Stage I reference), optimizer, engine; resumed from the newest
-    complete checkpoint of `cfg.out_dir` when there is one. Returns the trainer, the step to
-    start from and the step to stop at."""
+    """Data, policy (and Stage I reference), optimizer, engine; resumed from the newest complete
+    checkpoint of `cfg.out_dir` when there is one. Returns the trainer, the step to start from
+    and the step to stop at."""
     from transformers import AutoProcessor
 
     rank, world, device = setup_distributed()
+    check_config(cfg, world)
+    cfg = fit_lengths(cfg, model_max_len(cfg.model))
     random.seed(cfg.seed + rank)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0:
@@ -732,24 +572,18 @@ def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Traine
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     processor = AutoProcessor.from_pretrained(cfg.model)
     sft = cfg.stage == "sft"
-    train, skipped = load_split(
-        cfg.sft_data if sft else cfg.train_data, cfg, seed=cfg.seed, sft=sft
-    )
-    val = load_split(cfg.val_data, cfg, seed=cfg.seed + 1)[0] if cfg.val_data else []
+    train, skipped = load_split(cfg.sft_data if sft else cfg.train_data, cfg, processor,
+                                seed=cfg.seed, sft=sft)  # fmt: skip
+    val = load_split(cfg.val_data, cfg, processor, seed=cfg.seed + 1)[0] if cfg.val_data else []
+    if not train:
+        raise SystemExit(f"[{cfg.stage}] no usable training rows ({skipped} skipped)")
     per_step = cfg.sft_batch if sft else cfg.prompts_per_step
-    if per_step % world or (not sft and cfg.mini_batch_prompts % world):
-        raise ValueError(
-            f"batch sizes ({per_step} per step, {cfg.mini_batch_prompts} per mini-batch) must divide by the {world} ranks"
-        )
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train) / per_step)
 
-    # the policy, and in Stage I a frozen reference: the stage's starting weights
-    model = load_model(cfg.model, cfg, device)
-    ref_model = (
-        load_model(cfg.model, cfg, device, trainable=False)
-        if cfg.stage == "1" and cfg.kl_coef > 0
-        else None
-    )
+    model = load_model(cfg.model, device, gradient_checkpointing=cfg.gradient_checkpointing,
+                       freeze_vision=cfg.freeze_vision)  # fmt: skip
+    uses_kl = cfg.kl_coef > 0 and (cfg.stage == "1" or cfg.kl_tokens == "response")
+    ref_model = load_model(cfg.model, device, trainable=False) if uses_kl and not sft else None
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
     start = 0
     ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
@@ -765,67 +599,142 @@ def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Traine
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             kv_cache_gb=cfg.kv_cache_gb,
             enforce_eager=cfg.enforce_eager or None,
+            max_images=cfg.max_images or max_images_of(train + val),
+            min_pixels=cfg.min_pixels,
+            max_pixels=cfg.max_pixels,
+            load_format="dummy",  # the sync below (or before the first validation) fills it
         )
-    t = Trainer(
-        cfg, model, ref_model, optimizer, scheduler, engine, processor, device, train, val, skipped
-    )
-    sync_engine(t)  # a reused engine or a resumed run: the engine must serve these weights
-    log0(
-        f"[{cfg.stage}] {len(train)} examples ({skipped} bad rows skipped), steps {start}..{total_steps}, {world} ranks, {device}"
-    )
+    if engine.image_size is not None:  # the trainer tokenizes images exactly as the engine does
+        processor.image_processor.size = dict(engine.image_size)
+    t = Trainer(cfg, model, ref_model, optimizer, scheduler, engine, processor, device, train, val,
+                skipped)  # fmt: skip
+    if sft:
+        t.engine.sleep()  # the cold start samples only to validate: the engine sleeps till then
+    else:
+        sync_engine(t)  # a new, reused or resumed engine must serve these weights
+    log0(f"[{cfg.stage}] {len(train)} examples ({skipped} rows skipped), steps {start}.."
+         f"{total_steps}, {world} ranks, {device}")  # fmt: skip
     return t, start, total_steps
 
 
-def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLMEngine]:
-    """Train one stage ("sft", "1" or "2") from `cfg.model`. Returns the exported checkpoint and
-    the engine, which a following stage reuses (its weights are replaced by a sync)."""
-    t, start, total_steps = build_trainer(cfg, engine)
-    rank, sft = dist.get_rank(), cfg.stage == "sft"
-    wandb = _wandb(cfg) if rank == 0 and cfg.wandb_project else None
-
-    # -- the loop ---------------------------------------------------------------------------
-    bar = tqdm(
-        range(start, total_steps),
-        disable=rank != 0,
-        desc=f"stage {cfg.stage}",
-        initial=start,
-        total=total_steps,
-    )
-    for step in bar:
-        row = sft_step(t, step) if sft else rl_step(t, step)
-        if cfg.val_every and t.val and (step + 1) % cfg.val_every == 0:
-            if sft:
-                sync_engine(t)  # RL steps sync every step; SFT only when it samples
-            row.update(validate(t, step))
-        row = {"stage": cfg.stage, "step": step + 1, **row}
-        log_row(cfg.out_dir, row)
-        if wandb:
-            wandb.log(row, step=step + 1)
-        shown = ("reward", "acc_final", "format", "sft_loss", "val_acc_final")
-        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in shown})
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(cfg.out_dir, step + 1, t.model, t.optimizer, t.scheduler)
-        if sft and (cfg.sft_stop_acc or cfg.sft_stop_format) and "val_acc_final" in row:
-            acc, fmt = row["val_acc_final"], row["val_format"]
-            if acc >= cfg.sft_stop_acc and fmt >= cfg.sft_stop_format:
-                log0(f"[sft] sampled accuracy {acc:.2f}, well-formed {fmt:.2f}: cold start done")
-                break
-    export = os.path.join(cfg.out_dir, "export")
-    if cfg.export:
-        export_hf(t.model, t.processor, export)
-        log0(f"[{cfg.stage}] exported {export}")
-    return export, t.engine
+def check_config(cfg: Config, world: int) -> None:
+    """Refuse, before anything is loaded, settings that cannot run."""
+    if cfg.stage not in ("sft", "1", "2"):
+        raise ValueError(f"--stage must be sft, 1 or 2; got {cfg.stage!r}")
+    if cfg.tensor_parallel != 1:
+        raise ValueError(
+            "--tensor_parallel must be 1: each rank samples its own prompts with its own engine "
+            "(vLLM's external launcher would need the same prompts and seed on every rank of a "
+            "tensor-parallel group). Qwen3-VL-8B fits one 80 GB GPU with TP 1."
+        )
+    if cfg.stage == "sft":
+        if cfg.sft_batch % world:
+            raise ValueError(f"--sft_batch {cfg.sft_batch} must divide by the {world} ranks")
+        return
+    if cfg.prompts_per_step % cfg.mini_batch_prompts or cfg.mini_batch_prompts % world:
+        raise ValueError(
+            f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of "
+            f"--mini_batch_prompts {cfg.mini_batch_prompts}, itself a multiple of the {world} ranks"
+        )
+    if cfg.kl_tokens not in ("o1", "response"):
+        raise ValueError(f"--kl_tokens must be o1 or response; got {cfg.kl_tokens!r}")
 
 
-def _wandb(cfg: Config):
-    import wandb
+def fit_lengths(cfg: Config, limit: int) -> Config:
+    """`max_prompt_len + max_response_len` cut to the model's context `limit` (the demo's tiny
+    model holds 4096 tokens, the paper's settings need 8192), with one line saying so."""
+    if cfg.max_prompt_len + cfg.max_response_len <= limit:
+        return cfg
+    prompt = min(cfg.max_prompt_len, limit // 2)
+    fitted = cfg.replace(max_prompt_len=prompt, max_response_len=limit - prompt)
+    log0(f"[{cfg.stage}] max_prompt_len + max_response_len = {cfg.max_prompt_len} + "
+         f"{cfg.max_response_len} > {limit}, what {cfg.model} holds: using {fitted.max_prompt_len} + "
+         f"{fitted.max_response_len}")  # fmt: skip
+    return fitted
 
-    wandb.init(
-        project=cfg.wandb_project,
-        config=dataclasses.asdict(cfg),
-        name=os.path.basename(cfg.out_dir),
-    )
-    return wandb
+
+def make_optimizer(model, cfg: Config, total_steps: int):
+    """AdamW with a linear warm-up, then a constant or cosine learning rate (the paper: lr 1e-6,
+    weight decay 0.1, 10 warm-up steps)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
+    warmup = max(warmup, 0)
+
+    def factor(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / (warmup + 1)
+        if cfg.lr_schedule == "cosine":
+            progress = (s - warmup) / max(total_steps - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"--lr_schedule must be constant or cosine; got {cfg.lr_schedule!r}")
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# =============================================================================================
+# Data
+# =============================================================================================
+
+
+def load_split(
+    spec: str, cfg: Config, processor, *, seed: int, sft: bool = False
+) -> tuple[list[dict], int]:
+    """Examples of `spec` ("synthetic:N" for the demo's dot counting, else a path for data.py)
+    and how many rows were skipped: bad rows (data.py reports each), prompts over
+    `max_prompt_len` tokens (images counted), SFT rows without a response."""
+    suffix = OCTOPUS_SUFFIX if cfg.prompt_suffix == "octopus" else BASELINE_SUFFIX
+    skipped = 0
+    if spec.startswith("synthetic:"):
+        examples = synthetic_task(int(spec.split(":")[1]), seed=seed, suffix=suffix)
+        if sft:
+            rng = random.Random(seed)
+            for e in examples:
+                e["response"] = synthetic_coldstart(e, rng)
+    else:
+        examples, report = load_examples(spec, suffix=suffix, min_pixels=cfg.min_pixels,
+                                         max_pixels=cfg.max_pixels)  # fmt: skip
+        skipped += len(report.skipped)
+        if report.skipped:
+            log0(f"[data] {spec}: {report.summary()}")
+    if sft:
+        missing = [e["id"] for e in examples if not e.get("response")]
+        if missing:
+            log0(f"[data] {spec}: {len(missing)} rows without a 'response' skipped "
+                 f"(e.g. {missing[:3]})")  # fmt: skip
+        examples = [e for e in examples if e.get("response")]
+        skipped += len(missing)
+    long = [e["id"] for e in examples if prompt_length(processor, e) > cfg.max_prompt_len]
+    if long:  # the released code filters these at load too; they would not fit the engine
+        log0(f"[data] {spec}: {len(long)} prompts over --max_prompt_len {cfg.max_prompt_len} "
+             f"tokens skipped (e.g. {long[:3]})")  # fmt: skip
+        examples = [e for e in examples if e["id"] not in set(long)]
+        skipped += len(long)
+    return examples, skipped
+
+
+def share_of_step(examples: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
+    """This rank's examples of global step `step` (each rank a contiguous slice)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = per_step // world
+    idx = prompts_of_step(len(examples), step, per_step, seed)[
+        rank * per_rank : (rank + 1) * per_rank
+    ]
+    return [examples[i] for i in idx]
+
+
+def prompts_of_step(n_examples: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Example indices of global step `step`: epochs are seeded permutations read in order, so
+    a resumed run continues exactly where it stopped and never repeats a prompt of an epoch."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(pos, n_examples)
+        perm = list(range(n_examples))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.append(perm[k])
+    return out
 
 
 # =============================================================================================
@@ -833,93 +742,116 @@ def _wandb(cfg: Config):
 # =============================================================================================
 
 
-def parse_args(argv: list[str]) -> tuple[Config, bool]:
-    """`--preset NAME` then any `--field value` of Config; `--export` exports and stops."""
+def parse_args(argv: list[str]) -> tuple[str, dict, dict]:
+    """`--preset NAME` then any `--field value` of Config. Returns the preset name, the
+    overrides and the command-only flags (`export_only`, `dry_run`)."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="octopus-8b-stage1", choices=sorted(PRESETS))
-    parser.add_argument(
-        "--export_only",
-        action="store_true",
-        help="export the newest checkpoint of --out_dir to HF format and stop",
-    )
+    parser.add_argument("--preset", default="octopus-8b-stage1", choices=sorted([*PRESETS, *SEQUENCES]),
+                        help="a named run (Tables 2-3, the demo); the flags below override it")  # fmt: skip
+    parser.add_argument("--export_only", action="store_true",
+                        help="export the newest checkpoint of --out_dir to HF format and stop")  # fmt: skip
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the resolved config of every stage and stop")  # fmt: skip
     for f in dataclasses.fields(Config):
-        if f.name in ("extra", "stage_overrides"):
-            continue
-        kind = type(f.default)
+        kind, help_text = type(f.default), f.metadata.get("help", "")
         if kind is bool:
-            parser.add_argument(
-                f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None
-            )
+            parser.add_argument(f"--{f.name}", type=_boolean, default=None, metavar="{true,false}",
+                                help=help_text)  # fmt: skip
         elif kind is tuple:
-            parser.add_argument(f"--{f.name}", type=float, nargs=2, default=None)
+            parser.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=None)
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
     args = vars(parser.parse_args(argv))
-    name, export_only = args.pop("preset"), args.pop("export_only")
+    name = args.pop("preset")
+    flags = {"export_only": args.pop("export_only"), "dry_run": args.pop("dry_run")}
     overrides = {
         k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None
     }
-    return preset(name, **overrides), export_only
+    return name, overrides, flags
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg, export_only = parse_args(sys.argv[1:] if argv is None else argv)
-    if export_only:
-        _export_only(cfg)
-        engine = None
-    elif cfg.stages:  # the demo: cold start, then Stage I, then Stage II, each from the last
-        engine = run_stages(cfg)
-    else:
-        engine = run_stage(cfg)[1]
-    if engine is not None:
-        engine.close()  # last: under torchrun its teardown takes the default process group along
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
 
 
-def run_stages(cfg: Config) -> VLLMEngine:
-    """Several stages in one launch (the CPU demo): each of `cfg.stages` starts from the
-    previous stage's export, in `out_dir/stage-<name>`; "tiny" builds the tiny model first."""
+def stage_configs(name: str, overrides: dict) -> list[Config]:
+    """The Config of each stage a launch runs: one for a preset, several for a sequence (each in
+    `out_dir/stage-<stage>`; the model of a later stage is filled in when the earlier ends)."""
+    if name not in SEQUENCES:
+        return [preset(name, **overrides)]
+    stages = [preset(p, **overrides) for p in SEQUENCES[name]]
+    root = stages[0].out_dir
+    return [c.replace(out_dir=os.path.join(root, f"stage-{c.stage}")) for c in stages]
+
+
+def run_sequence(stages: list[Config]) -> VLLMEngine:
+    """Run stages one after the other in one launch, each from the previous stage's export;
+    `model="tiny"` builds the tiny Qwen3-VL first. Returns the engine (close it last)."""
     from tiny import build_tiny
 
-    model = cfg.model
+    model, engine = stages[0].model, None
     if model == "tiny":
-        path = os.path.join(cfg.out_dir, "tiny-init")
+        model = os.path.join(os.path.dirname(stages[0].out_dir), "tiny-init")
         if int(os.environ.get("RANK", "0")) == 0:
-            build_tiny(path)
+            build_tiny(model)
         setup_distributed()
         dist.barrier()
-        model = path
-    engine = None
-    for stage in cfg.stages.split(","):
-        overrides = dict(cfg.stage_overrides.get(stage, {}))
-        stage_cfg = cfg.replace(
-            stage=stage,
-            model=model,
-            stages="",
-            stage_overrides={},
-            out_dir=os.path.join(cfg.out_dir, f"stage-{stage}"),
-        )
-        model, engine = run_stage(stage_cfg.replace(**overrides), engine)
-    log0(f"[demo] done: metrics in {cfg.out_dir}/stage-*/metrics.jsonl, final model in {model}")
+    for cfg in stages:
+        model, engine = run_stage(cfg.replace(model=model), engine)
+    log0(f"[done] metrics in {os.path.dirname(stages[-1].out_dir)}/stage-*/metrics.jsonl, "
+         f"final model in {model}")  # fmt: skip
     return engine
 
 
-def _export_only(cfg: Config) -> None:
+def export_only(cfg: Config) -> None:
+    """Turn the newest checkpoint of `cfg.out_dir` into a Hugging Face folder."""
     from transformers import AutoProcessor
 
-    rank, world, device = setup_distributed()
-    model = load_model(cfg.model, cfg, device)
+    _, _, device = setup_distributed()
+    model = load_model(cfg.model, device)
     optimizer, scheduler = make_optimizer(model, cfg, 1)
     ckpt = latest_checkpoint(cfg.out_dir)
     if ckpt is None:
         raise SystemExit(f"no complete checkpoint under {cfg.out_dir}/checkpoints")
     load_checkpoint(ckpt, model, optimizer, scheduler)
     export_hf(model, AutoProcessor.from_pretrained(cfg.model), os.path.join(cfg.out_dir, "export"))
+
+
+def _wandb(cfg: Config):
+    import wandb
+
+    wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
+               name=os.path.basename(cfg.out_dir))  # fmt: skip
+    return wandb
+
+
+def main(argv: list[str] | None = None) -> None:
+    name, overrides, flags = parse_args(sys.argv[1:] if argv is None else argv)
+    stages = stage_configs(name, overrides)
+    if flags["dry_run"]:
+        for cfg in stages:
+            check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            print(json.dumps(dataclasses.asdict(cfg)))
+        return
+    engine = None
+    if flags["export_only"]:
+        export_only(stages[-1])
+    else:
+        engine = run_sequence(stages)
+    if engine is not None:
+        engine.close()  # last: under torchrun its teardown takes the default process group along
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@
 every run sees the same policy. Needs a cold-started model (so that responses have the
 format and splicing has parts): by default the demo's SFT export.
 
-    torchrun --nproc_per_node=1 bench/step_time.py [--model runs/demo/stage-sft/export] [--reps 3]
+    .venv/bin/torchrun --nproc_per_node=1 bench/step_time.py [--model runs/demo/stage-sft/export] [--reps 3]
 
-The last line is for tools: `octopus/gspo-n16 total=<r> generate=<r> overhead=<s> gen_share=<g>`.
+It also times what the old-log-prob pass would cost if it were run: with one mini-batch per
+step (the demo) the update's own first forward gives the old log-probs (train.py), so the pass
+is skipped. The last line is for tools:
+`octopus/gspo-n16 total=<r> generate=<r> overhead=<s> gen_share=<g>`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -26,16 +30,16 @@ PHASES = ["generate", "score", "augment", "logprobs", "update", "sync"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="runs/demo/stage-sft/export")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="/tmp/octopus-step-time")
     args = ap.parse_args()
 
-    base = preset("demo", stages="", stage="2", kl_coef=0.0, model=args.model, out_dir=args.out, resume=False,
-                  prompts_per_step=args.prompts, mini_batch_prompts=args.prompts, lr=0.0, warmup_steps=0,
-                  val_data="", export=False, save_every=0)  # fmt: skip
+    base = preset("demo-2", model=args.model, out_dir=args.out, resume=False, prompts_per_step=args.prompts,
+                  mini_batch_prompts=args.prompts, lr=0.0, warmup_steps=0, val_data="", export=False,
+                  save_every=0, dump_every=0)  # fmt: skip
     runs = {
         "gspo-n16": base.replace(n_rollouts=16, n_train=16, augment="none", reward_kind="baseline"),
         "gspo-n8": base.replace(n_rollouts=8, n_train=8, augment="none", reward_kind="baseline"),
@@ -45,7 +49,16 @@ def main() -> None:
     times: dict[str, dict[str, list[float]]] = {
         name: {p: [] for p in [*PHASES, "total"]} for name in runs
     }
+    captured: list = []
+    step_metrics = train.step_metrics
+
+    def keep_groups(t, groups, stats, clock):  # the step's groups, to time a recomputed pass
+        captured[:] = groups
+        return step_metrics(t, groups, stats, clock)
+
+    train.step_metrics = keep_groups
     train.rl_step(t, 0)  # warm-up outside the clock
+    skipped: list[float] = []
     for rep in range(args.reps):
         for name, cfg in runs.items():  # alternating: drifts of the machine hit every run alike
             t.cfg = cfg
@@ -53,6 +66,10 @@ def main() -> None:
             for p in PHASES:
                 times[name][p].append(row[f"time_{p}"])
             times[name]["total"].append(sum(row[f"time_{p}"] for p in PHASES))
+            if name == "octopus":
+                start = time.perf_counter()
+                train.logprobs(t, captured)
+                skipped.append(time.perf_counter() - start)
     med = {name: {p: statistics.median(v) for p, v in ph.items()} for name, ph in times.items()}
 
     print(f"machine: {os.cpu_count()} cores, CPU; model {args.model}; {args.prompts} prompts per step; "
@@ -67,6 +84,9 @@ def main() -> None:
     gen_ratio = c["generate"] / a["generate"]
     overhead = (c["score"] + c["augment"]) / c["total"]
     print(f"limit from the generation share: 1 - g(1 - r) = {1 - g * (1 - gen_ratio):.2f}")
+    saved = statistics.median(skipped)
+    print(f"old-log-prob pass skipped (one mini-batch per step, on-policy): {saved:.2f} s per octopus "
+          f"step, {saved / (c['total'] + saved):.0%} of what the step would take with it")  # fmt: skip
     print(f"octopus/gspo-n16 total={c['total'] / a['total']:.3f} generate={gen_ratio:.3f} "
           f"overhead={overhead:.4f} gen_share={g:.3f}")  # fmt: skip
     t.engine.close()

@@ -1,14 +1,23 @@
-"""Trained tokens per second of the update (forward, backward, AdamW step), with token-budget
-micro-batches (train.py: sorted by length, packed up to a token budget) vs plain padded
-micro-batches of a fixed count in data order, for the tiny model and a ~30M-parameter one.
+"""The update (forward, backward, AdamW step) before and after its two speed-ups, in trained
+tokens per second, on the tiny model and a ~30M-parameter one, at the demo's shape and at a
+long-prompt shape.
 
-    torchrun --nproc_per_node=1 bench/update_throughput.py
+- before: the log-probs of each row taken by indexing `logits[b]` (its backward allocates a
+  full-size gradient per row: quadratic in the rows of a micro-batch), every sample with its
+  own copy of the prompt;
+- after 1: loss.token_logprobs as it is (float32 chunks of views, linear), prompt per sample
+  (`--shared_prompt false`);
+- after 2: each group's prompt once, its responses packed after it (packing.py, the default).
+
+    .venv/bin/torchrun --nproc_per_node=1 bench/update_throughput.py [--reps 2] [--models tiny,30M]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -17,16 +26,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import fsdp  # noqa: E402
+import packing  # noqa: E402
 import train  # noqa: E402
 from data import synthetic_task  # noqa: E402
 from octopus import preset  # noqa: E402
 from rollout import render_prompt  # noqa: E402
-from tiny import build_tiny, tiny_config  # noqa: E402
+
+SHAPES = {
+    # the demo: 8 prompts x 16 trained samples, ~180-token prompts (9 visual tokens)
+    "demo": dict(groups=8, per_group=16, prompt_words=0, response=(24, 96)),
+    # long prompts: 2 prompts of ~1,000 tokens, 16 responses of 300 tokens each
+    "long-prompt": dict(groups=2, per_group=16, prompt_words=820, response=(300, 300)),
+}
 
 
 def build_30m(tiny_path: str, out: str) -> str:
     """The tiny checkpoint's tokenizer and processor with a ~30M-parameter text model."""
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    from tiny import tiny_config
 
     if os.path.exists(os.path.join(out, "config.json")):
         return out
@@ -43,73 +62,111 @@ def build_30m(tiny_path: str, out: str) -> str:
     return out
 
 
-def items_for(processor, n: int, seed: int = 0) -> list:
+def groups_for(processor, shape: dict, seed: int = 0) -> list[train.Group]:
+    """Groups of random responses (token ids below the special tokens) with advantages and
+    old log-probs, as rl_step hands them to the update."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    prompts = [
-        train.encode_prompt(processor, render_prompt(processor, e["messages"]))
-        for e in synthetic_task(8, seed=seed)
+    plain = min(processor.tokenizer.all_special_ids)
+    out = []
+    for e in synthetic_task(shape["groups"], seed=seed):
+        text = e["messages"][0]["content"][-1]
+        text["text"] = (
+            " ".join(
+                rng.choice(["dots", "count", "the", "image"]) for _ in range(shape["prompt_words"])
+            )
+            + text["text"]
+        )
+        prompt = train.encode_prompt(processor, render_prompt(processor, e["messages"]))
+        items = []
+        for _ in range(shape["per_group"]):
+            n = rng.randint(*shape["response"])
+            items.append(train.Item(torch.randint(0, plain, (n,), generator=g).tolist(), rng.gauss(0, 1),
+                                    torch.ones(n), torch.zeros(n), -torch.rand(n, generator=g) * 3))  # fmt: skip
+        out.append(train.Group(e, prompt, [], [], [], items))
+    return out
+
+
+def quadratic_token_logprobs(logits, labels, temperature=1.0, chunk=0):
+    """The old loop: one `logits[b]` per row (kept here only to measure what it cost)."""
+    rows = []
+    for b in range(logits.shape[0]):
+        row = logits[b].float() / temperature
+        rows.append(row.gather(-1, labels[b].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, -1))
+    return torch.stack(rows)
+
+
+def per_row_logprobs(model, packed, device, temperature=1.0):
+    """`packing.response_logprobs` with the logits of each response as a padded row, read by
+    the old loop: the layout of the old update (one row per sample)."""
+    inputs = {k: v.to(device) for k, v in packed.inputs.items()}
+    logits = model(**inputs, logits_to_keep=packed.predictors, packed_layout=packed.layout).logits[
+        0
     ]
-    plain = min(processor.tokenizer.all_special_ids)  # ids below the special tokens: ordinary text
-    items = []
-    for k in range(n):
-        length = rng.choice([24, 48, 96, 192, 384])  # mixed lengths, as rollouts are
-        items.append(train.Item(prompts[k % 8], torch.randint(0, plain, (length,), generator=g).tolist(),
-                                torch.ones(length), torch.zeros(length), rng.gauss(0, 1), -torch.rand(length) * 3))  # fmt: skip
-    return items
+    rows = torch.nn.utils.rnn.pad_sequence(list(logits.split(packed.lengths)), batch_first=True)
+    labels = torch.nn.utils.rnn.pad_sequence(
+        list(packed.labels.split(packed.lengths)), batch_first=True
+    )
+    logp = quadratic_token_logprobs(rows, labels, temperature)
+    return [logp[k, :n] for k, n in enumerate(packed.lengths)]
 
 
-def timed_update(t, items, chunks: list[list[int]]) -> float:
+def timed_update(t, groups) -> float:
     start = time.perf_counter()
-    t.optimizer.zero_grad(set_to_none=True)
-    for chunk in chunks:
-        train.accumulate_gradients(t, [items[i] for i in chunk])
-    t.optimizer.step()
+    train.update(t, groups)
     return time.perf_counter() - start
 
 
 def main() -> None:
-    rank, world, device = train.setup_distributed()
-    tiny = build_tiny(os.path.join(tempfile.gettempdir(), "octopus-bench-tiny"))
-    big = build_30m(tiny, os.path.join(tempfile.gettempdir(), "octopus-bench-30m"))
-    print(
-        f"machine: {os.cpu_count()} cores, CPU, fp32, {world} rank(s); 32 sequences of 24-384 response tokens + ~180 prompt tokens"
-    )
-    print("| model | parameters | micro-batching | trained tokens/s | seconds per update |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, path, budget in (("tiny", tiny, 8192), ("30M", big, 8192)):
-        cfg = preset(
-            "demo",
-            stage="2",
-            kl_coef=0.0,
-            model=path,
-            update_token_budget=budget,
-            gradient_checkpointing=False,
-        )
-        from transformers import AutoProcessor
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=2, help="timed updates per variant (median)")
+    ap.add_argument("--models", default="tiny,30M")
+    ap.add_argument("--shapes", default="demo,long-prompt")
+    args = ap.parse_args()
+    from tiny import build_tiny
 
-        processor = AutoProcessor.from_pretrained(path)
-        model = train.load_model(path, cfg, device)
+    _, world, device = fsdp.setup_distributed()
+    tiny = build_tiny(os.path.join(tempfile.gettempdir(), "octopus-bench-tiny"))
+    paths = {"tiny": tiny}
+    if "30M" in args.models:
+        paths["30M"] = build_30m(tiny, os.path.join(tempfile.gettempdir(), "octopus-bench-30m"))
+    print(f"machine: {os.cpu_count()} cores, CPU, float32, {world} rank(s), 1 thread; "
+          f"median of {args.reps} updates after a warm-up; token budget 8192")  # fmt: skip
+    print(
+        "| model | shape | variant | prompt tokens run | trained tokens | trained tokens/s | seconds per update | speed-up |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    from transformers import AutoProcessor
+
+    original = packing.response_logprobs
+    for name in args.models.split(","):
+        processor = AutoProcessor.from_pretrained(paths[name])
+        cfg = preset("demo-2", model=paths[name], update_token_budget=8192, gradient_checkpointing=False,
+                     lr=1e-5, warmup_steps=0)  # fmt: skip
+        model = fsdp.load_model(paths[name], device)
         optimizer, scheduler = train.make_optimizer(model, cfg, 10)
         t = train.Trainer(cfg, model, None, optimizer, scheduler, None, processor, device, [], [])
-        items = items_for(processor, 32)
-        tokens = sum(len(it.ids) for it in items)
-        n_params = sum(p.numel() for p in model.parameters())
-        per_padded = max(
-            1, budget // (max(it.length for it in items))
-        )  # same memory bound as the budget
-        padded = [
-            list(range(i, min(i + per_padded, len(items))))
-            for i in range(0, len(items), per_padded)
-        ]
-        whole = [list(range(len(items)))]  # accumulate_gradients packs by the token budget itself
-        timed_update(t, items, whole)  # warm-up
-        for label, chunks in (
-            ("token budget (sorted, packed)", whole),
-            (f"padded, {per_padded} per micro-batch", padded),
-        ):
-            dt = timed_update(t, items, chunks)
-            print(f"| {name} | {n_params / 1e6:.1f}M | {label} | {tokens / dt:.0f} | {dt:.2f} |")
+        for shape_name in args.shapes.split(","):
+            groups = groups_for(processor, SHAPES[shape_name])
+            tokens = sum(len(it.ids) for g in groups for it in g.items)
+            prompt_len = groups[0].prompt["input_ids"].shape[1]
+            base = None
+            for variant, shared, logprob_fn in (
+                ("before (row loop, prompt per sample)", False, per_row_logprobs),
+                ("after 1 (linear log-probs, prompt per sample)", False, original),
+                ("after 2 (prompt once per group)", True, original),
+            ):
+                t.cfg = cfg.replace(shared_prompt=shared)
+                train.response_logprobs = logprob_fn  # what forward_chunks calls
+                timed_update(t, groups)  # warm-up
+                dt = statistics.median(timed_update(t, groups) for _ in range(args.reps))
+                base = base or dt
+                prompts_run = prompt_len * (
+                    len(groups) if shared else sum(len(g.items) for g in groups)
+                )
+                print(f"| {name} | {shape_name} | {variant} | {prompts_run} | {tokens} | {tokens / dt:.0f} | "
+                      f"{dt:.2f} | {base / dt:.2f}x |", flush=True)  # fmt: skip
+            train.response_logprobs = original
         del t, model, optimizer
 
 

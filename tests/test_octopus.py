@@ -1,4 +1,4 @@
-"""The self-correction format (PAPER.md §1) and the Config presets."""
+"""The self-correction format (arXiv 2602.08503, Sec. 3) and the Config presets."""
 
 import pytest
 
@@ -71,8 +71,13 @@ def test_presets_and_overrides():
         assert cfg.n_train >= cfg.n_rollouts
     assert preset("gspo-n16").n_rollouts == 16 and preset("gspo-n16").augment == "none"
     assert preset("octopus-8b-stage1", lr=2e-6).lr == 2e-6
-    assert preset("grpo-n8").ratio == "token" and preset("grpo-n8").clip_high == 0.2
+    # GRPO / DAPO clip 0.2 / 0.28 (the paper's setup); the released GRPO script: 0.2 / 0.3 + KL
+    assert preset("grpo-n8").ratio == "token" and preset("grpo-n8").clip_high == 0.28
+    released = preset("grpo-n16-released")
+    assert (released.clip_high, released.kl_coef, released.kl_tokens) == (0.3, 0.01, "response")
+    assert (released.weight_decay, released.warmup_steps) == (0.01, 0)
     assert preset("dapo-n16").clip_high == 0.28 and preset("dapo-n16").agg == "token"
+    assert preset("dapo-n16").clip_dual == 10.0  # the released DAPO script's dual clip
     assert (
         preset("octopus-8b-stage1").clip_low == 3e-4 and preset("octopus-8b-stage1").n_train == 16
     )
