@@ -93,6 +93,7 @@ def load_model(
     trainable: bool = True,
     gradient_checkpointing: bool = False,
     freeze_vision: bool = False,
+    bf16: bool | None = None,
 ):
     """Qwen3-VL sharded with FSDP2: each vision block, the vision tower, each decoder layer, the
     root. Only rank 0 reads the checkpoint; the other ranks build the model on the meta device
@@ -102,7 +103,8 @@ def load_model(
     The policy (`trainable`) keeps float32 master weights and computes in bf16 on GPUs; the
     frozen reference of Stage I is stored in bf16 there (float32 on CPU, where bf16 is slow).
     Gradient checkpointing (non-reentrant) is switched on before sharding; it only acts in
-    train mode (`model.train()`), which train.py sets for the update alone.
+    train mode (`model.train()`), which train.py sets for the update alone. `bf16=False` keeps
+    float32 compute on GPUs too (for checks); None: bf16 on GPUs.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -112,7 +114,8 @@ def load_model(
     from packing import use_packed_attention
 
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu and not trainable else torch.float32
+    bf16 = on_gpu if bf16 is None else bf16
+    dtype = torch.bfloat16 if bf16 and not trainable else torch.float32
     rank = dist.get_rank()
     full_state, buffers = {}, {}
     if rank == 0:
@@ -135,7 +138,7 @@ def load_model(
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = (  # bf16 compute, float32 master weights and gradient reductions
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if on_gpu and trainable
+        if bf16 and trainable
         else MixedPrecisionPolicy()
     )
     visual, text = model.model.visual, model.model.language_model

@@ -3,7 +3,7 @@
 Everything that needs a model runs on it here: it is saved in the Hugging Face layout of
 Qwen3-VL-8B (config, safetensors, tokenizer, processor, chat template) and loaded back through
 the same classes (`Qwen3VLForConditionalGeneration`, `AutoProcessor`, vLLM's Qwen3-VL).
-Sizes follow FINDINGS.md: ~1M parameters, head_dim 32 (vLLM's CPU attention rejects 16),
+Sizes: ~1M parameters, head_dim 32 (vLLM's CPU attention rejects 16),
 96x96 images -> 9 visual tokens. Imports nothing from the project.
 
     python tiny.py [PATH]      # build (idempotent) and print the path

@@ -71,9 +71,18 @@ from fsdp import (  # noqa: E402
     setup_distributed,
 )
 from loss import count_for, group_advantages, policy_loss, sft_loss, stage1_loss  # noqa: E402
-from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, PRESETS, SC, SEQUENCES, Config, preset  # noqa: E402
+from octopus import (  # noqa: E402
+    BASELINE_SUFFIX,
+    OCTOPUS_SUFFIX,
+    PRESETS,
+    SC,
+    SEQUENCES,
+    Config,
+    preset,
+    split_response,
+)
 from packing import chunk_groups, pack, response_logprobs  # noqa: E402
-from reward import score_batch  # noqa: E402
+from reward import format_reward, score_batch  # noqa: E402
 from rollout import (  # noqa: E402
     Generation,
     Sampling,
@@ -380,8 +389,15 @@ def step_metrics(t: Trainer, groups: list[Group], stats: list[dict], clock: Cloc
             m.add("reward", r.reward)
             m.add("acc_o1", float(r.o1_correct))
             m.add("acc_final", float(r.final_correct))
-            m.add("format", float(r.sc_at is not None and min(r.o1_format, r.o2_format) == 1.0))
-            m.add("corrects_itself", float(r.sc_at is not None))
+            corrected = r.sc_at is not None
+            # well-formed as the reward sees it: o1, and o2 when the model corrected itself
+            # (stopping after o1 is a choice the format allows, not a broken format)
+            m.add("format", min(r.o1_format, r.o2_format) if corrected else r.o1_format)
+            m.add("sc_format", float(corrected and min(r.o1_format, r.o2_format) == 1.0))
+            m.add("corrects_itself", float(corrected))
+            m.add("format_o1", r.o1_format)  # what breaks the format, when it breaks
+            if corrected:
+                m.add("format_o2", r.o2_format)
             m.add("response_len", len(gen.ids))
             m.add("truncated", float(gen.finish_reason == "length"))
             if gen.ids:  # the originals come first; a large gap means a stale engine
@@ -445,8 +461,9 @@ def log_row(out_dir: str, row: dict) -> None:
 
 
 def validate(t: Trainer, step: int) -> dict:
-    """Sampled accuracy of o1 and of the final answer, reward and format on the validation
-    prompts, spread over the ranks."""
+    """Sampled accuracy of o1 (acc@1) and of the final answer (acc@2), the w->c and c->w rates,
+    how often the model corrects itself, reward and format on the validation prompts, spread
+    over the ranks."""
     cfg, tok = t.cfg, t.processor.tokenizer
     rank, world = dist.get_rank(), dist.get_world_size()
     val = t.val[: cfg.val_max_prompts] if cfg.val_max_prompts else t.val
@@ -460,12 +477,23 @@ def validate(t: Trainer, step: int) -> dict:
         groups = t.engine.generate(prompts, cfg.val_n, sampling)
         texts = [tok.decode(g.ids, skip_special_tokens=True) for group in groups for g in group]
         truths = [e["answer"] for e in mine for _ in range(cfg.val_n)]
-        for s in score_batch(texts, truths, kind="baseline"):
+        for text, s in zip(texts, score_batch(texts, truths, kind="baseline"), strict=True):
             metrics.add("val_reward", s.reward)
-            metrics.add("val_acc_final", s.acc_final)
-            metrics.add("val_acc_o1", s.acc_o1)
-            metrics.add("val_format", float(s.has_correction and s.format == 1.0))
+            metrics.add("val_acc_final", s.acc_final)  # acc@2: the final answer
+            metrics.add("val_acc_o1", s.acc_o1)  # acc@1: the first answer
+            fmt = well_formed(text)
+            metrics.add("val_format", fmt)  # o1, and o2 when there is one, well-formed
+            metrics.add("val_sc_format", float(s.has_correction and fmt == 1.0))  # o1 + SC + o2
+            metrics.add("val_corrects_itself", float(s.has_correction))
+            metrics.add("val_wc", float(s.has_correction and s.acc_o1 < s.acc_final))
+            metrics.add("val_cw", float(s.has_correction and s.acc_o1 > s.acc_final))
     return metrics.reduce()
+
+
+def well_formed(text: str) -> float:
+    """fmt of every part the response has: o1, and o2 when it corrected itself."""
+    o1, o2 = split_response(text)
+    return min(format_reward(o1), format_reward(o2)) if o2 is not None else format_reward(o1)
 
 
 # =============================================================================================
@@ -545,7 +573,7 @@ def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLME
             save_checkpoint(cfg.out_dir, step + 1, t.model, t.optimizer, t.scheduler,
                             keep=cfg.keep_checkpoints)  # fmt: skip
         if sft and (cfg.sft_stop_acc or cfg.sft_stop_format) and "val_acc_final" in row:
-            acc, fmt = row["val_acc_final"], row["val_format"]
+            acc, fmt = row["val_acc_final"], row["val_sc_format"]
             if acc >= cfg.sft_stop_acc and fmt >= cfg.sft_stop_format:
                 log0(f"[sft] sampled accuracy {acc:.2f}, well-formed {fmt:.2f}: cold start done")
                 break

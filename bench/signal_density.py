@@ -1,4 +1,4 @@
-"""How dense is the self-correction signal before and after augmentation (PAPER.md §3)?
+"""How dense is the self-correction signal before and after augmentation (arXiv 2602.08503, Sec. 3.2)?
 
 From real rollouts of a cold-started tiny model (the demo's SFT export by default): the share
 of w->c samples among the generated rollouts vs among the trained samples after augmentation

@@ -1,4 +1,4 @@
-"""Octopus vs GSPO step time, side by side in one run (PAPER.md §7: 0.72x of GSPO-n16).
+"""Octopus vs GSPO step time, side by side in one run (the paper: 0.72x of GSPO n=16 on 8x H100).
 
 (a) GSPO n = 16, (b) GSPO n = 8, (c) Octopus n = 8 -> 16 trained: the real engine and trainer
 (train.rl_step), the same prompts, alternating runs, several repetitions, learning rate 0 so

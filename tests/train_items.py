@@ -1,0 +1,27 @@
+"""Fixed training groups for the gradient checks run under torchrun (test_train, test_gpu)."""
+
+import torch
+
+import train
+from data import synthetic_task
+from rollout import render_prompt
+
+
+def fixed_groups(processor, n_groups=6, seed=5):
+    """Groups of random responses with Stage I-style masks and random old / reference log-probs."""
+    g = torch.Generator().manual_seed(0)
+    plain = min(processor.tokenizer.all_special_ids)
+    groups = []
+    for k, ex in enumerate(synthetic_task(n_groups, seed=seed)):
+        prompt = train.encode_prompt(processor, render_prompt(processor, ex["messages"]))
+        items = []
+        for j in range(1 + k % 3):
+            n = 5 + 3 * k + j
+            cut = (k + j) % 3
+            items.append(train.Item(
+                torch.randint(0, plain, (n,), generator=g).tolist(), float(torch.randn(1, generator=g)),
+                torch.tensor([0.0] * cut + [1.0] * (n - cut)),
+                torch.tensor([1.0] * (cut // 2) + [0.0] * (n - cut // 2)),
+                -torch.rand(n, generator=g) * 5, -torch.rand(n, generator=g) * 5))  # fmt: skip
+        groups.append(train.Group(ex, prompt, [], [], [], items))
+    return groups
