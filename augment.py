@@ -17,7 +17,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from octopus import sc_span, split_response
+from octopus import SC, sc_span, split_response
 from reward import (
     Score,
     answer_span,
@@ -204,21 +204,40 @@ def transition_kind(o1_correct: bool, o2_correct: bool) -> str:
     return ("c" if o1_correct else "w") + ("c" if o2_correct else "w")
 
 
-def _splice(rollouts: list[Rollout], i: int, j: int, sc_ids: list[int], eos_id: int) -> Sample:
+def _splice(
+    rollouts: list[Rollout], i: int, j: int, sc_ids: list[int], eos_id: int, tokenizer=None
+) -> Sample:
     a, b = rollouts[i], rollouts[j]
     r_prime = guarded_correction_reward(
         a.o1_correct, b.o2_correct, identical=a.o1 == b.o2, o1_answered=True, o2_format=b.o2_format
     )
+    ids, sc_at, o1_len = a.o1 + sc_ids + b.o2 + [eos_id], len(a.o1) + len(sc_ids), len(a.o1)
+    if tokenizer is not None:
+        ids, sc_at, o1_len = _canonical(tokenizer, a.o1, b.o2, eos_id)
     return Sample(
-        ids=a.o1 + sc_ids + b.o2 + [eos_id],
+        ids=ids,
         kind=transition_kind(a.o1_correct, b.o2_correct),
-        sc_at=len(a.o1) + len(sc_ids),
+        sc_at=sc_at,
         o1_correct=a.o1_correct,
         o2_correct=b.o2_correct,
         source=(i, j),
-        o1_len=len(a.o1),
+        o1_len=o1_len,
         reward=octopus_reward(r_prime, a.o1_format, b.o2_format),
     )
+
+
+def _canonical(tokenizer, o1: list[int], o2: list[int], eos_id: int) -> tuple[list[int], int, int]:
+    """`o1 + SC + o2` encoded as one text, as the model would have sampled it (the parts
+    encoded apart leave `}` + `\n` + `\n` where sampling writes `}\n\n`), with its o1 + SC
+    and o1 token counts from the byte offsets of the encoded tokens."""
+    decode = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    text = tokenizer.decode(o1, **decode) + SC + tokenizer.decode(o2, **decode)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    span = sc_span(text)
+    ends = _byte_ends(tokenizer, ids, text)
+    sc_at = _first_token_reaching(tokenizer, ids, text, span[1], ends)
+    o1_len = _last_token_within(tokenizer, ids, text, len(text[: span[0]].rstrip()), ends)
+    return ids + [eos_id], sc_at, o1_len
 
 
 def _original(r: Rollout, i: int) -> Sample:
@@ -314,6 +333,7 @@ def splice_group(
     rng: random.Random | None = None,
     max_len: int | None = None,
     pad: bool | None = None,
+    tokenizer=None,
 ) -> list[Sample]:
     """The training group of one prompt (arXiv 2602.08503, Sec. 3.2, Algorithm 1): the n
     originals first and unchanged, then spliced samples `o1_i + sc_ids + o2_j + [eos_id]`, no
@@ -329,6 +349,12 @@ def splice_group(
     limit (~12k tokens at the paper's 6144); the released code clips such samples, which cuts
     off o2's answer that the sample's reward was computed on. None: no limit.
 
+    `tokenizer`: encode each splice as one text, `o1 + SC + o2` (then its masks come from the
+    byte offsets of its tokens, as an original's). Without it the parts' ids are concatenated,
+    as the released code does; the boundary then holds `}` + `\\n` + `\\n` where sampling
+    writes the single token `}\\n\\n`, and training on such token paths, which the model never
+    samples, breaks its format at temperature 1.0 (README: "The demo").
+
     `pad` (default: True for "released" only): repeat originals until the group holds
     `n_target` samples, as the released code does. Without it a short pool leaves a smaller
     group: a duplicate carries no new information, yet it counts twice in the group's reward
@@ -340,7 +366,7 @@ def splice_group(
     group = [_original(r, i) for i, r in enumerate(rollouts)]
     pool = candidate_pool(rollouts, same=mode == "released", max_len=max_len, sc_len=len(sc_ids))
     for i, j in select_pairs(pool, k, n, n_target, mode, rng):
-        group.append(_splice(rollouts, i, j, sc_ids, eos_id))
+        group.append(_splice(rollouts, i, j, sc_ids, eos_id, tokenizer))
     if (mode == "released" if pad is None else pad) and n > 0:
         while len(group) < n_target:
             group.append(group[(len(group) - n) % n])

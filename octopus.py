@@ -129,6 +129,10 @@ class Config:
     )
     n_rollouts: int = knob(8, "n: rollouts generated per prompt")
     n_train: int = knob(16, "N: samples trained per prompt (2n for Octopus, n for the baselines)")
+    canonical_splices: bool = knob(
+        True,
+        "encode each spliced o1 + SC + o2 as one text, the tokens the model samples (false: parts encoded apart, as the release)",
+    )
 
     # the objective
     ratio: str = knob(

@@ -216,7 +216,8 @@ def make_group(t: Trainer, example: dict, prompt: dict, generations, scores, rng
     sc_ids = tok.encode(SC, add_special_tokens=False)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     samples = splice_group(rollouts, cfg.n_train, sc_ids, eos, mode=cfg.augment, rng=rng,
-                           max_len=cfg.max_response_len)  # fmt: skip
+                           max_len=cfg.max_response_len,
+                           tokenizer=tok if cfg.canonical_splices else None)  # fmt: skip
     too_long = count_overlong(rollouts, sc_ids, cfg.max_response_len, mode=cfg.augment)
     advantages = group_advantages(torch.tensor([s.reward for s in samples]))  # (N,)
     items = []

@@ -424,6 +424,28 @@ def test_spliced_decode_is_exact(tokenizer):
     assert by_source[(0, 1)].kind == "ww" and by_source[(1, 0)].kind == "cc"
 
 
+def test_canonical_splices_are_the_tokens_sampling_would_give(tokenizer):
+    """Parts encoded apart leave '}' + '\\n' + '\\n' at the o1/SC boundary where the model
+    samples the single token '}\\n\\n'; with the tokenizer, a splice is its whole text encoded
+    once, exactly as an original rollout of that text, masks included."""
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    sc_ids = tokenizer.encode(SC, add_special_tokens=False)
+    texts = [O1 + SC + O2, O2 + SC + O1]
+    rollouts = [make_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
+                for t in texts]  # fmt: skip
+    parts = splice_group(rollouts, 4, sc_ids, eos, rng=random.Random(0))
+    whole = splice_group(rollouts, 4, sc_ids, eos, rng=random.Random(0), tokenizer=tokenizer)
+    for a, b in zip(parts[2:], whole[2:], strict=True):
+        assert tokenizer.decode(a.ids) == tokenizer.decode(b.ids)  # the same text
+        assert a.ids != b.ids and "}ĊĊ" in tokenizer.convert_ids_to_tokens(b.ids)
+        text = tokenizer.decode(b.ids[:-1])
+        again = make_rollout(
+            tokenizer.encode(text, add_special_tokens=False) + [eos], tokenizer, "4"
+        )
+        assert b.ids == again.ids and (b.sc_at, b.o1_len) == (again.sc_at, again.o1_len)
+        assert (b.kind, b.reward, b.source) == (a.kind, a.reward, a.source)
+
+
 def test_no_correction_and_missing_boxes(tokenizer):
     ids = tokenizer.encode(
         "<think>no box</think> nothing" + SC + "also nothing", add_special_tokens=False
