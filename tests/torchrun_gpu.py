@@ -93,8 +93,8 @@ cfg = preset("demo-2", **SMALL, out_dir=f"{out_dir}/lr0", lr=0.0, max_steps=3)
 train.run_stage(cfg, engine)
 report["lr0_rows"] = rows(f"{out_dir}/lr0/metrics.jsonl")
 
-# -- a stale engine: no sync after the first; the gap must grow --------------------------------
-sync = train.sync_engine
+# -- a stale engine: no sync after the first while the weights move; the gap must grow ---------
+sync, update = train.sync_engine, train.update
 calls = []
 
 
@@ -105,10 +105,20 @@ def sync_once(t):
     t.engine.wake()
 
 
-train.sync_engine = sync_once
-cfg = preset("demo-2", **SMALL, out_dir=f"{out_dir}/stale", lr=3e-3, max_steps=4, val_every=0)
+def update_and_move(t, groups, on_policy=False):
+    """The update, then every weight moved a little, as learning would (the tiny random model's
+    rewards are all equal, so its advantages are 0 and its updates move nothing)."""
+    stats = update(t, groups, on_policy=on_policy)
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return stats
+
+
+train.sync_engine, train.update = sync_once, update_and_move
+cfg = preset("demo-2", **dict(SMALL, out_dir=f"{out_dir}/stale", lr=0.0, max_steps=4, val_every=0))
 train.run_stage(cfg, engine)
-train.sync_engine = sync
+train.sync_engine, train.update = sync, update
 report["stale_rows"] = rows(f"{out_dir}/stale/metrics.jsonl")
 
 # -- bf16 vs float32 gradients on the same items -----------------------------------------------
