@@ -4,18 +4,18 @@ runs it: generate, log-prob passes, update, weight sync), computed from the mode
 
     .venv/bin/python bench/memory_plan.py                        # Octopus-8B, 8 x H100-80GB
     .venv/bin/python bench/memory_plan.py --gpu_gb 40 --update_token_budget 4096 \\
-        --logprob_token_budget 8192 --gpu_memory_utilization 0.55   # 8 x A100-40GB
-    OMP_NUM_THREADS=2 .venv/bin/python bench/memory_plan.py --check   # ~6 min, ~14 GB RAM
+        --logprob_token_budget 8192 --gpu_memory_utilization 0.5 --enforce_eager true  # A100-40GB
+    OMP_NUM_THREADS=2 .venv/bin/python bench/memory_plan.py --check  # 7 CPU-min, 13 GB RAM
 
 What train.py holds, and so what the plan counts (bytes per GPU):
 - FSDP2 over all ranks, units = each vision block, the vision tower, each decoder layer, the
   root (embeddings, final norm, LM head). The policy keeps float32 master weights, AdamW's two
   float32 states and (during the update) float32 gradients, all sharded: 12 or 16 bytes per
   parameter / world. Compute is bf16: a unit's full bf16 weights are all-gathered while it runs
-  (two units at once with prefetching); the root stays gathered from its first forward until its
-  backward. Stage I's frozen reference: bf16 shards (2 bytes / parameter / world), and its root,
-  which never runs a backward, stays gathered from its first forward on (FSDP2 does not reshard
-  the root after forward: torch/distributed/fsdp/_fully_shard/_fsdp_state.py, `_lazy_init`).
+  (two units at once with prefetching); the root stays gathered from its forward until its
+  backward (FSDP2 does not reshard the root after forward: torch/distributed/fsdp/_fully_shard/
+  _fsdp_state.py, `_lazy_init`), so train.logprobs reshards a model after a pass without one.
+  Stage I's frozen reference: bf16 shards (2 bytes / parameter / world).
 - One packed row per micro-batch (packing.py): L tokens, T of them response tokens. Logits only
   at the T predicting positions, in bf16; log-probs in float32 chunks of 2048 rows (loss.py).
 - The update checkpoints every decoder layer and vision block (non-reentrant): their inputs are
@@ -25,7 +25,8 @@ What train.py holds, and so what the plan counts (bytes per GPU):
   asleep (level 1) its weights sit in CPU memory and the KV cache is gone, CUDA graphs and
   buffers stay. The sync gathers one float32 full tensor at a time; vLLM's layerwise reload
   (vllm/model_executor/model_loader/reload/layerwise.py) buffers it and builds a bf16 copy of
-  the layer before copying in.
+  the layer before copying in. vLLM's wake-up empties PyTorch's cache first
+  (vllm/device_allocator/cumem.py, `wake_up`), so the sync's freed blocks do not stay reserved.
 
 Every term is linear in the micro-batch's tokens (the attention kernels never build an L x L
 matrix); `--check` measures them on a CPU at 1k-4k tokens, not at the paper's budgets.
@@ -40,6 +41,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,9 +98,12 @@ QWEN3_VL_8B = {
 
 # Memory outside what the plan derives, per GPU: estimates, not measured here (no GPU).
 CUDA_OVERHEAD_GIB = 1.5  # CUDA context, NCCL communicator buffers, cuBLAS workspaces
-ENGINE_ASLEEP_GIB = 1.5  # vLLM asleep: CUDA graph pool + persistent runner buffers
-ENGINE_GRAPHS_GIB = 1.0  # (inside the awake budget) CUDA graphs, for the KV-cache estimate
+ENGINE_GRAPHS_GIB = 1.0  # vLLM's CUDA graph pool: stays while asleep (none with enforce_eager)
+ENGINE_BUFFERS_GIB = 0.5  # vLLM's persistent runner buffers, which stay while asleep
 ENGINE_ACTIVATIONS_GIB = 2.0  # (inside the awake budget) vLLM's profiled activation peak
+# What CUDA reports for a card sold as N GB (out-of-memory messages: "39.39 GiB total capacity"
+# on an A100-40GB, 79.1 GiB on an H100-80GB); other sizes: 0.985 x N.
+CARD_GIB = {40: 39.39, 80: 79.1}
 
 
 # =============================================================================================
@@ -236,14 +241,15 @@ def _up(b: int) -> int:
 
 def decoder_layer_saved(s: Shape, mb: MicroBatch, b: int) -> int:
     """What one decoder layer saves for its backward (held while it is recomputed): RMSNorms
-    keep a float32 input and the normalised value, q / k their norms and rotary halves, GQA's
-    repeated keys and values, one [prompt; response] copy of them per response (packing.py),
-    SDPA's output, the MLP's gate, activation, up projection and product."""
+    keep a float32 input and the normalised value, q / k the same for their norms (rotary
+    saves only cos / sin, which need no gradient), GQA's repeated keys and values, one
+    [prompt; response] copy of them per response (packing.py), the attention output, the MLP's
+    gate, activation, up projection and product."""
     H, Q, K, Iv = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.inter
     per_token = (
         (_up(b) * H + 2 * b * H)  # input RMSNorm (its float32 input is the layer input itself)
-        + (4 * Q + 4 * b * Q)  # q: float32 input of q_norm, normed, rotated half, with rotary
-        + (4 * K + 3 * b * K)  # k: the same, the rotary output goes on to repeat_interleave
+        + (4 * Q + 2 * b * Q)  # q_norm's float32 input and normed value; q with rotary
+        + (4 * K + b * K)  # k_norm's (the rotary output goes on to repeat_interleave)
         + 2 * b * Q  # keys and values repeated to every query head
         + b * Q
         + 4 * s.heads  # attention output and its log-sum-exp
@@ -254,10 +260,14 @@ def decoder_layer_saved(s: Shape, mb: MicroBatch, b: int) -> int:
     return mb.tokens * per_token + 2 * b * Q * mb.kv_rows
 
 
-def decoder_layer_backward(s: Shape, mb: MicroBatch, b: int) -> int:
+def decoder_layer_backward(s: Shape, mb: MicroBatch, b: int, weight_grad: int = 0) -> int:
     """A layer's backward on top of the layers' checkpoints: the recomputed saved tensors, the
-    gradient flowing in (L x H) and the MLP's two intermediate gradients."""
-    return decoder_layer_saved(s, mb, b) + mb.tokens * (b * s.hidden + 2 * b * s.inter)
+    gradient flowing in (L x H), then either down_proj's input gradient next to its weight
+    gradient (`weight_grad` bytes, where one is materialised whole) or the two gradients of the
+    MLP's product."""
+    L, Iv = mb.tokens, s.inter
+    extra = max(2 * L * Iv * b, L * Iv * b + weight_grad)
+    return decoder_layer_saved(s, mb, b) + L * s.hidden * b + extra
 
 
 def decoder_layer_forward(s: Shape, mb: MicroBatch, b: int) -> int:
@@ -288,9 +298,11 @@ def vision_saved(s: Shape, mb: MicroBatch, b: int) -> int:
 
 
 def vision_block_backward(s: Shape, mb: MicroBatch, b: int) -> int:
-    """One vision block recomputed in the backward (rotary in float32), plus its gradients."""
+    """One vision block recomputed in the backward, plus its gradients: norm1's output, the
+    qkv projection (kept by the attention's saved values), q and k after rotary, the attention
+    output, proj's input, norm2's input and output, fc1's output and GELU's."""
     C, Iv = s.v_hidden, s.v_inter
-    saved = b * (10 * C + 2 * Iv) + 2 * _up(b) * C + 8 * C
+    saved = b * (10 * C + 2 * Iv)
     return mb.patches * (saved + b * (C + 2 * Iv))
 
 
@@ -353,9 +365,8 @@ def update_moments(s: Shape, mb: MicroBatch, b: int, *, cpu_grads: bool) -> dict
     }
     for name, value in update_logits_terms(V, H, T, b).items():
         moments[name] = head + value + (vocab_grad if name == "backward, LM head" else 0)
-    moments["backward, decoder layer"] = (
-        ckpt + decoder_layer_backward(s, mb, b) + (s.inter * H * b if cpu_grads else 0)
-    )
+    weight_grad = s.inter * H * b if cpu_grads else 0  # down_proj's, whole on the CPU
+    moments["backward, decoder layer"] = ckpt + decoder_layer_backward(s, mb, b, weight_grad)
     moments["backward, vision block"] = vision_saved(s, mb, b) + vision_block_backward(s, mb, b)
     moments["backward, embeddings"] = vocab_grad + L * H * b
     return moments
@@ -393,21 +404,54 @@ class PlanInputs:
 
 
 def capacity_gib(gpu_gb: float) -> float:
-    """What CUDA reports for a card sold as `gpu_gb` GB: ~0.99 x in GiB (79.1-79.3 GiB on an
-    H100-80GB in vLLM's logs, 39.4 GiB on an A100-40GB)."""
-    return 0.99 * gpu_gb
+    """GiB that CUDA reports for a card sold as `gpu_gb` GB."""
+    return CARD_GIB.get(gpu_gb, 0.985 * gpu_gb)
 
 
 def worst_micro_batch(cfg: Config, budget: int, inputs: PlanInputs, s: Shape, b: int, fn):
-    """The layout with the larger peak: one image prompt of `prompt_len` tokens, or short
-    (128-token) text prompts that leave more of the budget to responses (more logits)."""
+    """The layout with the larger peak, `(micro-batch, moment, parts)`: one image prompt of
+    `prompt_len` tokens, or short (128-token) text prompts that leave more of the budget to
+    responses (more logits)."""
     layouts = [
-        packed_micro_batch(budget, inputs.prompt_len, inputs.image_tokens,
-                           cfg.max_response_len, cfg.n_train),
-        packed_micro_batch(budget, min(128, inputs.prompt_len), 0, cfg.max_response_len,
-                           cfg.n_train),
-    ]  # fmt: skip
-    return max(((mb, *peak(fn(mb))) for mb in layouts), key=lambda x: x[2])
+        packed_micro_batch(
+            budget, inputs.prompt_len, inputs.image_tokens, cfg.max_response_len, cfg.n_train
+        ),
+        packed_micro_batch(
+            budget, min(128, inputs.prompt_len), 0, cfg.max_response_len, cfg.n_train
+        ),
+    ]
+    best = [(mb, *worst_moment(fn(mb), s)) for mb in layouts]
+    return max(best, key=lambda x: sum(v for _, v in x[2]))
+
+
+def fsdp_transients(s: Shape, moment: str) -> list[tuple[str, int]]:
+    """FSDP2's buffers (bytes) beyond the shards at a moment of `logprob_moments` /
+    `update_moments`: gathered bf16 units (the running one and the prefetched next), unsharded
+    bf16 gradients until their reduce-scatter, its float32 input. The root's gathered weights
+    are resident in every such phase and counted there."""
+    p = param_counts(s)
+    layer, vocab = p["decoder_layer"], s.vocab * s.hidden
+    gathered = ("2 decoder layers gathered (bf16)", 2 * 2 * layer)
+    head_grad = ("LM head gradient, unsharded bf16", 2 * vocab)
+    if moment in ("layer", "forward, last layer"):
+        return [gathered]
+    if moment == "backward, LM head":  # the last layer is prefetched for its backward
+        return [head_grad, ("1 decoder layer gathered (bf16)", 2 * layer)]
+    if moment in ("backward, decoder layer", "backward, vision block"):
+        return [head_grad, gathered, ("its gradients bf16 + reduce-scatter fp32", 6 * layer)]
+    if moment == "backward, embeddings":  # the root's gradients, cast for its reduce-scatter
+        return [("root gradients bf16 + reduce-scatter fp32", 6 * p["root"])]
+    return []
+
+
+def worst_moment(moments: dict[str, int], s: Shape) -> tuple[str, list[tuple[str, int]]]:
+    """The moment with the most activations + FSDP buffers, and what makes it up (bytes)."""
+    parts = {
+        name: [*fsdp_transients(s, name), (f"activations + logits ({name})", value)]
+        for name, value in moments.items()
+    }
+    name = max(parts, key=lambda k: sum(v for _, v in parts[k]))
+    return name, parts[name]
 
 
 def plan(cfg: Config, inputs: PlanInputs, config: dict = QWEN3_VL_8B) -> tuple[list, dict]:
@@ -417,55 +461,113 @@ def plan(cfg: Config, inputs: PlanInputs, config: dict = QWEN3_VL_8B) -> tuple[l
     p = param_counts(s)
     w, b = inputs.gpus, 2  # bf16 compute on GPUs
     g = 1 / GIB
-    P, P_layer, P_root = p["total"], p["decoder_layer"], p["root"]
+    P, P_root = p["total"], p["root"]
     kl = cfg.kl_coef > 0 and (cfg.stage == "1" or cfg.kl_tokens == "response")
     cap = capacity_gib(inputs.gpu_gb)
 
     master, adam, grads = 4 * P / w * g, 8 * P / w * g, 4 * P / w * g
-    ref = [("reference bf16 shards", 2 * P / w * g),
-           ("reference root gathered (never resharded)", 2 * P_root * g)] if kl else []  # fmt: skip
+    # train.logprobs reshards a model after its pass: a root stays gathered only while it runs
+    ref = [("reference bf16 shards", 2 * P / w * g)] if kl else []
     cuda = [("CUDA context, NCCL, cuBLAS (est.)", CUDA_OVERHEAD_GIB)]
-    asleep = [("vLLM asleep: CUDA graphs, buffers (est.)", ENGINE_ASLEEP_GIB)]
+    graphs = 0.0 if cfg.enforce_eager else ENGINE_GRAPHS_GIB
+    asleep = [("vLLM asleep: CUDA graphs, buffers (est.)", graphs + ENGINE_BUFFERS_GIB)]
     root_gathered = ("policy root gathered (bf16)", 2 * P_root * g)
-    fwd_units = ("2 decoder layers gathered (bf16)", 2 * 2 * P_layer * g)
 
     phases = []
     engine = cfg.gpu_memory_utilization * cap
-    phases.append(Phase("generate (engine awake)", [
-        ("policy fp32 shards", master), ("AdamW states", adam), *ref, *cuda,
-        (f"vLLM: {cfg.gpu_memory_utilization:g} x {cap:.1f} GiB", engine)]))  # fmt: skip
+    phases.append(
+        Phase(
+            "generate (engine awake)",
+            [
+                ("policy fp32 shards", master),
+                ("AdamW states", adam),
+                *ref,
+                *cuda,
+                (f"vLLM: {cfg.gpu_memory_utilization:g} x {cap:.1f} GiB", engine),
+            ],
+        )
+    )
 
-    lp_mb, lp_name, lp_bytes = worst_micro_batch(
-        cfg, cfg.logprob_token_budget, inputs, s, b,
-        lambda mb: logprob_moments(s, mb, b, cfg.temperature))  # fmt: skip
+    lp_mb, _, lp_parts = worst_micro_batch(
+        cfg,
+        cfg.logprob_token_budget,
+        inputs,
+        s,
+        b,
+        lambda mb: logprob_moments(s, mb, b, cfg.temperature),
+    )
     for who in ["policy", "reference"] if kl else ["policy"]:
-        phases.append(Phase(f"log-probs, {who} micro-batch", [
-            ("policy fp32 shards", master), ("AdamW states", adam), *ref, *cuda, *asleep,
-            root_gathered,  # the policy's root stays gathered after its pass too
-            fwd_units, (f"activations + logits ({lp_name})", lp_bytes * g)]))  # fmt: skip
+        phases.append(
+            Phase(
+                f"log-probs, {who} micro-batch",
+                [
+                    ("policy fp32 shards", master),
+                    ("AdamW states", adam),
+                    *ref,
+                    *cuda,
+                    *asleep,
+                    (f"{who} root gathered (bf16)", 2 * P_root * g),
+                    *[(what, n * g) for what, n in lp_parts],
+                ],
+            )
+        )
 
-    up_mb, up_name, up_bytes = worst_micro_batch(
-        cfg, cfg.update_token_budget, inputs, s, b,
-        lambda mb: update_moments(s, mb, b, cpu_grads=False))  # fmt: skip
-    backward_units = 2 * 2 * P_layer + 2 * P_layer + 4 * P_layer  # gathered x2, grads, RS fp32
-    phases.append(Phase("update, micro-batch fwd+bwd", [
-        ("policy fp32 shards", master), ("AdamW states", adam), ("gradient shards fp32", grads),
-        *ref, *cuda, *asleep, root_gathered,
-        ("LM head gradient, unsharded bf16", 2 * s.vocab * s.hidden * g),
-        ("layer units: 2 gathered, grads, reduce-scatter", backward_units * g),
-        (f"activations + logits ({up_name})", up_bytes * g)]))  # fmt: skip
-    phases.append(Phase("update, optimizer step", [
-        ("policy fp32 shards", master), ("AdamW states", adam), ("gradient shards fp32", grads),
-        ("AdamW's sqrt(v) temporary (foreach)", 4 * P / w * g), *ref, *cuda, *asleep]))  # fmt: skip
+    up_mb, _, up_parts = worst_micro_batch(
+        cfg,
+        cfg.update_token_budget,
+        inputs,
+        s,
+        b,
+        lambda mb: update_moments(s, mb, b, cpu_grads=False),
+    )
+    phases.append(
+        Phase(
+            "update, micro-batch fwd+bwd",
+            [
+                ("policy fp32 shards", master),
+                ("AdamW states", adam),
+                ("gradient shards fp32", grads),
+                *ref,
+                *cuda,
+                *asleep,
+                root_gathered,
+                *[(what, n * g) for what, n in up_parts],
+            ],
+        )
+    )
+    phases.append(
+        Phase(
+            "update, optimizer step",
+            [
+                ("policy fp32 shards", master),
+                ("AdamW states", adam),
+                ("gradient shards fp32", grads),
+                ("AdamW's sqrt(v) temporary (foreach)", 4 * P / w * g),
+                *ref,
+                *cuda,
+                *asleep,
+            ],
+        )
+    )
 
     largest = s.vocab * s.hidden  # embeddings (= LM head): the largest tensor
-    phases.append(Phase("weight sync (engine weights awake)", [
-        ("policy fp32 shards", master), ("AdamW states", adam), *ref, *cuda, *asleep,
-        ("vLLM weights bf16", 2 * P * g),
-        ("largest full tensor fp32 + vLLM's bf16 copy", 6 * largest * g)]))  # fmt: skip
+    phases.append(
+        Phase(
+            "weight sync (engine weights awake)",
+            [
+                ("policy fp32 shards", master),
+                ("AdamW states", adam),
+                *ref,
+                *cuda,
+                *asleep,
+                ("vLLM weights bf16", 2 * P * g),
+                ("largest full tensor fp32 + vLLM's bf16 copy", 6 * largest * g),
+            ],
+        )
+    )
 
     weights = 2 * P * g
-    kv = engine - weights - ENGINE_GRAPHS_GIB - ENGINE_ACTIVATIONS_GIB
+    kv = engine - weights - graphs - ENGINE_ACTIVATIONS_GIB
     kv_per_token = 2 * s.layers * s.kv_heads * s.head_dim * 2  # K and V, bf16
     notes = {
         "params": p,
@@ -474,6 +576,8 @@ def plan(cfg: Config, inputs: PlanInputs, config: dict = QWEN3_VL_8B) -> tuple[l
         "capacity": cap,
         "kv_gib": kv,
         "kv_tokens": int(max(kv, 0) * GIB / kv_per_token),
+        "kv_per_token": kv_per_token,
+        "graphs": graphs,
         "reference": kl,
     }
     return phases, notes
@@ -483,17 +587,22 @@ def print_plan(cfg: Config, name: str, inputs: PlanInputs) -> list[Phase]:
     phases, notes = plan(cfg, inputs)
     cap = notes["capacity"]
     p = notes["params"]
-    print(f"Per-GPU memory plan: {name}, Qwen3-VL-8B ({p['total'] / 1e9:.2f}B parameters), "
-          f"{inputs.gpus} GPUs of {inputs.gpu_gb:g} GB (~{cap:.1f} GiB usable)\n")  # fmt: skip
+    print(
+        f"Per-GPU memory plan: {name}, Qwen3-VL-8B ({p['total'] / 1e9:.2f}B parameters), "
+        f"{inputs.gpus} GPUs of {inputs.gpu_gb:g} GB (~{cap:.1f} GiB usable)\n"
+    )
     print("| phase | what is resident | GiB per GPU |\n| --- | --- | ---: |")
     for ph in phases:
         parts = ", ".join(f"{what} {gib:.1f}" for what, gib in ph.parts)
         flag = "" if ph.total <= cap else " **over**"
         print(f"| {ph.name} | {parts} | {ph.total:.1f}{flag} |")
     worst = max(phases, key=lambda ph: ph.total)
-    print(f"\npeak: {worst.name}, {worst.total:.1f} of {cap:.1f} GiB "
-          f"(headroom {cap - worst.total:.1f} GiB)")  # fmt: skip
+    print(
+        f"\npeak: {worst.name}, {worst.total:.1f} of {cap:.1f} GiB "
+        f"(headroom {cap - worst.total:.1f} GiB)"
+    )
     lp, up = notes["logprob_mb"], notes["update_mb"]
+    seq = cfg.max_prompt_len + cfg.max_response_len
     print("\nAssumptions:")
     for line in [
         f"parameters: total {p['total']:,}; per decoder layer {p['decoder_layer']:,}, vision "
@@ -502,8 +611,8 @@ def print_plan(cfg: Config, name: str, inputs: PlanInputs) -> list[Phase]:
         "policy: float32 master weights and AdamW states (12 B/param / world), float32 gradient "
         "shards during the update (+4), freed by zero_grad(set_to_none) before generation",
         f"reference (Stage I, kl_coef > 0): {'yes' if notes['reference'] else 'no'}; bf16 "
-        "shards, its root (embeddings + LM head) stays gathered: FSDP2 reshards the root only "
-        "in its backward, which a frozen model never runs",
+        "shards; a root (embeddings + LM head) is gathered only while its model runs: FSDP2 "
+        "reshards a root in its backward, so train.logprobs reshards after a no-grad pass",
         f"log-prob micro-batch: {lp.tokens} tokens, {lp.responses} response positions "
         f"(logits), {lp.patches // 4} visual tokens (budget {cfg.logprob_token_budget})",
         f"update micro-batch: {up.tokens} tokens, {up.responses} response positions, "
@@ -513,11 +622,13 @@ def print_plan(cfg: Config, name: str, inputs: PlanInputs) -> list[Phase]:
         "activations are linear in tokens: no L x L attention matrix (SDPA flash / efficient "
         "kernels, a causal_lower_right bias per response); logits only at response positions",
         f"vLLM awake: gpu_memory_utilization x card = weights {2 * p['total'] / GIB:.1f} + CUDA "
-        f"graphs ~{ENGINE_GRAPHS_GIB:g} + activations ~{ENGINE_ACTIVATIONS_GIB:g} + KV cache "
+        f"graphs ~{notes['graphs']:g} + activations ~{ENGINE_ACTIVATIONS_GIB:g} + KV cache "
         f"~{notes['kv_gib']:.1f} GiB (~{notes['kv_tokens']:,} tokens at "
-        f"{2 * 36 * 8 * 128 * 2 // 1024} KiB each)",
-        f"vLLM asleep (level 1): CUDA graphs and runner buffers stay, ~{ENGINE_ASLEEP_GIB:g} GiB "
-        f"(estimate); CUDA context + NCCL + cuBLAS ~{CUDA_OVERHEAD_GIB:g} GiB (estimate)",
+        f"{notes['kv_per_token'] // 1024} KiB; a full {seq}-token sequence takes "
+        f"{notes['kv_per_token'] * seq / GIB:.2f} GiB)",
+        f"vLLM asleep (level 1): CUDA graphs (~{ENGINE_GRAPHS_GIB:g} GiB, none with "
+        f"--enforce_eager true) and runner buffers (~{ENGINE_BUFFERS_GIB:g} GiB) stay (estimates); "
+        f"CUDA context + NCCL + cuBLAS ~{CUDA_OVERHEAD_GIB:g} GiB (estimate)",
         "not counted: the caching allocator's fragmentation (PYTORCH_CUDA_ALLOC_CONF="
         "expandable_segments:True keeps it small; vLLM 0.32 accepts it)",
     ]:
@@ -588,18 +699,28 @@ def _check_logits(tokens: list[int]) -> list[dict]:
         # resident before: the 64-wide input and the weight; the update's input copy is not
         lp_plan = max(T * s.vocab * 4, logprob_logits_terms(s.vocab, T, 4))
         up_plan = T * s.hidden * 4 + max(update_logits_terms(s.vocab, s.hidden, T, 4).values())
-        rows.append({"term": f"logits, log-prob pass, T={T}", "measured": measure(logprob),
-                     "planned": lp_plan})  # fmt: skip
-        rows.append({"term": f"logits, update fwd+bwd, T={T}", "measured": measure(update),
-                     "planned": up_plan})  # fmt: skip
+        rows.append(
+            {
+                "term": f"logits, log-prob pass, T={T}",
+                "measured": measure(logprob),
+                "planned": lp_plan,
+            }
+        )
+        rows.append(
+            {
+                "term": f"logits, update fwd+bwd, T={T}",
+                "measured": measure(update),
+                "planned": up_plan,
+            }
+        )
     return rows
 
 
-def _text_config_8b():
+def _config_8b():
+    """Qwen3-VL-8B's transformers config, without a KV cache (as fsdp.load_model sets)."""
     from transformers import Qwen3VLConfig
 
-    cfg = dict(QWEN3_VL_8B)
-    config = Qwen3VLConfig(**cfg)
+    config = Qwen3VLConfig(**QWEN3_VL_8B)
     config.text_config.use_cache = False
     return config
 
@@ -626,9 +747,9 @@ def _check_layer(lengths: list[int]) -> list[dict]:
         Qwen3VLTextRotaryEmbedding,
     )
 
-    import packing  # noqa: F401  (registers the packed attention)
+    import packing  # importing it registers the packed attention
 
-    config = _text_config_8b().text_config
+    config = _config_8b().text_config
     config._attn_implementation = packing.ATTENTION
     s = shape_of(QWEN3_VL_8B, layers=1)
     torch.manual_seed(0)
@@ -660,15 +781,24 @@ def _check_layer(lengths: list[int]) -> list[dict]:
 
         fwd_plan = decoder_layer_forward(s, mb, 4) - L * s.hidden * 4  # the input is resident
         bwd_plan = (
-            decoder_layer_backward(s, mb, 4)
-            - L * s.hidden * 4  # the incoming grad is resident
-            + 2 * L * s.hidden * 4  # the layer's input copy and output (kept by the caller)
-            + s.inter * s.hidden * 4  # one weight's gradient before the hook drops it
+            decoder_layer_backward(s, mb, 4, weight_grad=s.inter * s.hidden * 4)
+            - L * s.hidden * 4  # the incoming gradient is resident before
+            + 2 * L * s.hidden * 4  # the layer's input copy and its output (the caller's)
         )
-        rows.append({"term": f"decoder layer, no_grad forward, L={L}",
-                     "measured": measure(forward), "planned": fwd_plan})  # fmt: skip
-        rows.append({"term": f"decoder layer, checkpointed fwd+bwd, L={L}",
-                     "measured": measure(backward), "planned": bwd_plan})  # fmt: skip
+        rows.append(
+            {
+                "term": f"decoder layer, no_grad forward, L={L}",
+                "measured": measure(forward),
+                "planned": fwd_plan,
+            }
+        )
+        rows.append(
+            {
+                "term": f"decoder layer, checkpointed fwd+bwd, L={L}",
+                "measured": measure(backward),
+                "planned": bwd_plan,
+            }
+        )
     return rows
 
 
@@ -682,7 +812,7 @@ def _check_model(prompt_len: int, image_tokens: int, responses: list[int]) -> li
     from loss import policy_loss
     from packing import pack, response_logprobs, use_packed_attention
 
-    config = _text_config_8b()
+    config = _config_8b()
     config.text_config.num_hidden_layers = 2
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.float32)
@@ -696,15 +826,22 @@ def _check_model(prompt_len: int, image_tokens: int, responses: list[int]) -> li
     grid = torch.tensor([[1, side, side]])
     patches = side * side
     text = prompt_len - patches // s.merge**2 - 2
-    ids = torch.cat([
-        torch.tensor([QWEN3_VL_8B["vision_start_token_id"]]),
-        torch.full((patches // s.merge**2,), QWEN3_VL_8B["image_token_id"]),
-        torch.tensor([QWEN3_VL_8B["vision_end_token_id"]]),
-        torch.randint(0, 151000, (text,))])[None]  # fmt: skip
+    ids = torch.cat(
+        [
+            torch.tensor([QWEN3_VL_8B["vision_start_token_id"]]),
+            torch.full((patches // s.merge**2,), QWEN3_VL_8B["image_token_id"]),
+            torch.tensor([QWEN3_VL_8B["vision_end_token_id"]]),
+            torch.randint(0, 151000, (text,)),
+        ]
+    )[None]
     types = (ids == QWEN3_VL_8B["image_token_id"]).long()
     patch_in = s.in_channels * s.temporal_patch * s.patch**2
-    prompt = {"input_ids": ids, "mm_token_type_ids": types, "image_grid_thw": grid,
-              "pixel_values": torch.randn(patches, patch_in)}  # fmt: skip
+    prompt = {
+        "input_ids": ids,
+        "mm_token_type_ids": types,
+        "image_grid_thw": grid,
+        "pixel_values": torch.randn(patches, patch_in),
+    }
     answers = [torch.randint(0, 151000, (n,)).tolist() for n in responses]
     packed = pack([(prompt, answers)], model.model.get_rope_index)
     T = sum(responses)
@@ -725,19 +862,34 @@ def _check_model(prompt_len: int, image_tokens: int, responses: list[int]) -> li
         logp = torch.nn.utils.rnn.pad_sequence(logps, batch_first=True)
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones(n) for n in responses], True)
         old_logp = torch.nn.utils.rnn.pad_sequence(old, batch_first=True)
-        loss, _ = policy_loss(logp, old_logp, adv, mask, ratio="sequence_token",
-                              clip_low=3e-4, clip_high=4e-4, agg="seq", normalizer=8.0)  # fmt: skip
+        loss, _ = policy_loss(
+            logp,
+            old_logp,
+            adv,
+            mask,
+            ratio="sequence_token",
+            clip_low=3e-4,
+            clip_high=4e-4,
+            agg="seq",
+            normalizer=8.0,
+        )
         loss.backward()
 
     lp = logprob_moments(s, mb, 4)
     up = update_moments(s, mb, 4, cpu_grads=True)
     label = f"L={mb.tokens}, T={T}, {patches // 4} visual tokens"
     return [
-        {"term": f"2-layer model, log-prob micro-batch ({label}), peak at {peak(lp)[0]}",
-         "measured": measure(logprob), "planned": peak(lp)[1]},
-        {"term": f"2-layer model, update micro-batch ({label}), peak at {peak(up)[0]}",
-         "measured": measure(update), "planned": peak(up)[1]},
-    ]  # fmt: skip
+        {
+            "term": f"2-layer model, log-prob micro-batch ({label}), peak at {peak(lp)[0]}",
+            "measured": measure(logprob),
+            "planned": peak(lp)[1],
+        },
+        {
+            "term": f"2-layer model, update micro-batch ({label}), peak at {peak(up)[0]}",
+            "measured": measure(update),
+            "planned": peak(up)[1],
+        },
+    ]
 
 
 def run_check() -> int:
@@ -749,10 +901,16 @@ def run_check() -> int:
         ["layer", "1024,2048"],
         ["model", "512,256,512,512,512"],  # prompt 512 (256 visual tokens), 3 responses
     ]
-    rows = []
+    rows, start = [], time.perf_counter()
     for what, arg in jobs:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", what, arg],
-                             env=env, check=True, capture_output=True, text=True).stdout  # fmt: skip
+        print(f"[check] measuring: {what} {arg}", file=sys.stderr, flush=True)
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--_measure", what, arg],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         rows += json.loads(out.strip().splitlines()[-1])
     print("| term (float32, CPU) | measured GiB | planned GiB | planned / measured |")
     print("| --- | ---: | ---: | ---: |")
@@ -760,12 +918,15 @@ def run_check() -> int:
     for r in rows:
         ratio = r["planned"] / r["measured"]
         bad += not 0.8 <= ratio <= 1.2
-        print(f"| {r['term']} | {r['measured'] / GIB:.2f} | {r['planned'] / GIB:.2f} | "
-              f"{ratio:.2f} |")  # fmt: skip
-    print("\nmeasured: peak resident memory (VmHWM, reset via /proc/self/clear_refs) minus the "
-          "resident memory before the call, in a fresh process per group, MALLOC_MMAP_THRESHOLD_"
-          "=131072; weights and inputs are resident before, so not part of either column")  # fmt: skip
-    print(f"{len(rows) - bad}/{len(rows)} within 20%")
+        print(
+            f"| {r['term']} | {r['measured'] / GIB:.2f} | {r['planned'] / GIB:.2f} | {ratio:.2f} |"
+        )
+    print(
+        "\nmeasured: peak resident memory (VmHWM, reset via /proc/self/clear_refs) minus the "
+        "resident memory before the call, in a fresh process per group, MALLOC_MMAP_THRESHOLD_"
+        "=131072; weights and inputs are resident before, so not part of either column"
+    )
+    print(f"{len(rows) - bad}/{len(rows)} within 20%; {time.perf_counter() - start:.0f} s")
     return 1 if bad else 0
 
 
@@ -788,25 +949,70 @@ def _measure(what: str, arg: str) -> None:
 # =============================================================================================
 
 
+KNOBS = (  # the Config fields that move the plan
+    "update_token_budget",
+    "logprob_token_budget",
+    "gpu_memory_utilization",
+    "enforce_eager",
+    "max_response_len",
+    "n_train",
+    "kl_coef",
+    "temperature",
+)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--preset", default="octopus-8b-stage1", choices=sorted(PRESETS))
+    rl_8b = sorted(k for k, v in PRESETS.items() if v.get("stage") != "sft" and "demo" not in k)
+    ap.add_argument(
+        "--preset",
+        default="octopus-8b-stage1",
+        choices=rl_8b,
+        help="an RL run of the paper (the plan is for Qwen3-VL-8B)",
+    )
     ap.add_argument("--gpus", type=int, default=8, help="GPUs FSDP shards over (the world)")
     ap.add_argument("--gpu_gb", type=float, default=80.0, help="memory of one GPU, GB as sold")
-    ap.add_argument("--prompt_len", type=int, default=None,
-                    help="longest prompt in tokens (default: the preset's max_prompt_len)")  # fmt: skip
-    ap.add_argument("--image_tokens", type=int, default=1280,
-                    help="visual tokens of that prompt (max_pixels / 28^2 = 1280)")  # fmt: skip
-    for name in ("update_token_budget", "logprob_token_budget", "gpu_memory_utilization",
-                 "max_response_len", "n_train", "kl_coef"):  # fmt: skip
+    ap.add_argument(
+        "--prompt_len",
+        type=int,
+        default=None,
+        help="longest prompt in tokens (default: the preset's max_prompt_len)",
+    )
+    ap.add_argument(
+        "--image_tokens",
+        type=int,
+        default=1280,
+        help="visual tokens of that prompt (max_pixels / 28^2 = 1280)",
+    )
+    for name in KNOBS:
         kind = type(getattr(Config(), name))
-        ap.add_argument(f"--{name}", type=kind, default=None, help=f"Config.{name}")
-    ap.add_argument("--check", action="store_true",
-                    help="measure the activation and logits terms on this CPU (~6 min)")  # fmt: skip
+        if kind is bool:
+            ap.add_argument(
+                f"--{name}",
+                type=_boolean,
+                default=None,
+                metavar="{true,false}",
+                help=f"Config.{name}",
+            )
+        else:
+            ap.add_argument(f"--{name}", type=kind, default=None, help=f"Config.{name}")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="measure the activation and logits terms on this CPU (7 CPU-minutes, 13 GB)",
+    )
     ap.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._measure:
@@ -814,12 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check:
         return run_check()
-    overrides = {
-        k: getattr(args, k)
-        for k in ("update_token_budget", "logprob_token_budget", "gpu_memory_utilization",
-                  "max_response_len", "n_train", "kl_coef")
-        if getattr(args, k) is not None
-    }  # fmt: skip
+    overrides = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
     cfg = preset(args.preset, **overrides)
     inputs = PlanInputs(
         prompt_len=args.prompt_len or cfg.max_prompt_len,
