@@ -158,23 +158,29 @@ def packed_attention(
     if packed_layout is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
-    pieces = []
-    for start, end, spans in packed_layout:
-        k_prompt, v_prompt = key[:, :, start:end], value[:, :, start:end]  # (1, H, P, D)
+    # The row is the prompts and responses back to back: one `split` into them (its backward is
+    # a single concatenation; slicing each piece instead would give every piece a zero-filled
+    # gradient of the whole row, quadratic in the number of responses).
+    sizes = [
+        n for start, end, spans in packed_layout for n in (end - start, *(b - a for a, b in spans))
+    ]
+    qs, ks, vs = (x.split(sizes, dim=2) for x in (query, key, value))  # each (1, H, n, D)
+    pieces, at = [], 0
+    for _, _, spans in packed_layout:
+        q_prompt, k_prompt, v_prompt = qs[at], ks[at], vs[at]  # (1, H, P, D)
         pieces.append(  # (1, H, P, D)
             F.scaled_dot_product_attention(
-                query[:, :, start:end], k_prompt, v_prompt, is_causal=True, scale=scaling
+                q_prompt, k_prompt, v_prompt, is_causal=True, scale=scaling
             )
         )
-        for a, b in spans:
-            k = torch.cat([k_prompt, key[:, :, a:b]], dim=2)  # (1, H, P + n, D)
-            v = torch.cat([v_prompt, value[:, :, a:b]], dim=2)  # (1, H, P + n, D)
-            mask = causal_lower_right(b - a, k.shape[2])  # sees the whole prompt, then causal
+        for k in range(at + 1, at + 1 + len(spans)):
+            keys = torch.cat([k_prompt, ks[k]], dim=2)  # (1, H, P + n, D)
+            values = torch.cat([v_prompt, vs[k]], dim=2)  # (1, H, P + n, D)
+            mask = causal_lower_right(qs[k].shape[2], keys.shape[2])  # the prompt, then causal
             pieces.append(  # (1, H, n, D)
-                F.scaled_dot_product_attention(
-                    query[:, :, a:b], k, v, attn_mask=mask, scale=scaling
-                )
+                F.scaled_dot_product_attention(qs[k], keys, values, attn_mask=mask, scale=scaling)
             )
+        at += 1 + len(spans)
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None  # (1, L, H, D)
 
 

@@ -204,3 +204,26 @@ def test_pack_layout_positions_and_predictors(processor, model):
     first = int(pos[:, :P].max()) + 1
     assert pos[:, P:].tolist() == [[first, first + 1, first + 2, first]] * 3  # both start alike
     assert packed.inputs["pixel_values"].shape[0] == prompt["pixel_values"].shape[0]  # image once
+
+
+def _attention_backward_elements(responses: int, n: int = 6, prompt: int = 10) -> int:
+    from test_loss import _CountAllocations
+
+    spans, at = [], prompt
+    for _ in range(responses):
+        spans.append((at, at + n))
+        at += n
+    q, k, v = (torch.randn(1, 2, at, 8, requires_grad=True) for _ in range(3))
+    module = torch.nn.Module()
+    out, _ = packing.packed_attention(module, q, k, v, None, packed_layout=[(0, prompt, spans)])
+    loss = out.sum()
+    with _CountAllocations() as counter:
+        loss.backward()
+    return counter.elements
+
+
+def test_packed_attention_backward_is_linear_in_responses():
+    """Slicing each response out of the row gives every slice's backward a zero-filled gradient
+    of the whole row: quadratic in the responses of a row. One split keeps it linear."""
+    small, large = _attention_backward_elements(16), _attention_backward_elements(32)
+    assert large <= 2.3 * small, (small, large)
