@@ -33,9 +33,10 @@ class Rollout:
     """One generated response, split and graded.
 
     `o1` / `o2`: token ids of each part cut right after its last `\\boxed{...}` (None when the
-    part has no non-empty box, or, for `o2`, when there is no correction). `sc_at`: number of
-    leading tokens of `ids` that are o1 + SC (a token straddling the boundary counts as o1 + SC);
-    `o1_len`: number of leading tokens that are o1 alone (a straddling token is left out).
+    part has no non-empty box, or, for `o2`, when there is no correction or o2 corrects itself
+    again). `sc_at`: number of leading tokens of `ids` that are o1 + SC (a token straddling the
+    boundary counts as o1 + SC); `o1_len`: number of leading tokens that are o1 alone (a
+    straddling token is left out).
     """
 
     ids: list[int]
@@ -183,11 +184,15 @@ def make_rollout(
         cut = _cut_after_answer(part) if part is not None else None
         return None if cut is None else tokenizer.encode(cut, add_special_tokens=False)
 
+    # an o2 that corrects itself again is o2 + SC + o3, not a part of the one-round format: it
+    # is graded as sampled, but not spliced (the released code cuts such rollouts at the second SC)
+    o2_part = None if o2_text is not None and sc_span(o2_text) is not None else o2_text
+
     o2_correct = bool(graded.acc_o2) if o2_text is not None else False
     return Rollout(
         ids=list(ids),
         o1=encode(o1_text),
-        o2=encode(o2_text),
+        o2=encode(o2_part),
         o1_correct=bool(graded.acc_o1),
         o2_correct=o2_correct,
         final_correct=bool(graded.acc_final),

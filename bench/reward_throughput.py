@@ -4,9 +4,9 @@ and on degenerate ones (issue 12.1: everything that reads model text is linear i
 Mixed as a real batch is: most answers decided by the eval-free fast path (numbers, fractions,
 letters, words), some LaTeX expressions that go to the math-verify workers, malformed and
 adversarial ones, half with a self-correction. Degenerate: what a policy collapsing into
-whitespace or repeated tags writes, each response `--degenerate-chars` long.
+whitespace or repeated tags writes, each response `--degenerate_chars` long.
 
-Usage: python bench/reward_throughput.py [--responses 10000] [--degenerate-chars 100000]
+Usage: python bench/reward_throughput.py [--responses 10000] [--degenerate_chars 100000]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--responses", type=int, default=10_000, help="mixed responses per row")
     parser.add_argument(
-        "--degenerate-chars", type=int, default=100_000, help="length of each degenerate response"
+        "--degenerate_chars", type=int, default=100_000, help="length of each degenerate response"
     )
     args = parser.parse_args()
     n = args.responses

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from augment import (
     Rollout,
     Sample,
+    candidate_pool,
     count_overlong,
     loss_masks,
     make_rollout,
@@ -444,6 +445,19 @@ def test_canonical_splices_are_the_tokens_sampling_would_give(tokenizer):
         )
         assert b.ids == again.ids and (b.sc_at, b.o1_len) == (again.sc_at, again.o1_len)
         assert (b.kind, b.reward, b.source) == (a.kind, a.reward, a.source)
+
+
+def test_an_o2_that_corrects_itself_again_is_graded_but_not_spliced(tokenizer):
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text = O1 + SC + O2 + SC + O1  # three rounds: o2 is really o2 + SC + o3
+    r = make_rollout(tokenizer.encode(text, add_special_tokens=False) + [eos], tokenizer, "3")
+    assert r.o1 is not None and r.o2 is None  # its o2 never enters a pool
+    assert r.sc_at is not None and r.final_correct  # graded as sampled: the last box is o3's
+    two = make_rollout(
+        tokenizer.encode(O1 + SC + O2, add_special_tokens=False) + [eos], tokenizer, "3"
+    )
+    pool = candidate_pool([two, r])
+    assert all(j == 0 for pairs in pool.values() for _, j in pairs)  # o2 only from rollout 0
 
 
 def test_no_correction_and_missing_boxes(tokenizer):

@@ -1,0 +1,157 @@
+"""Every command in README.md runs as written, so the README cannot drift from the code.
+
+CPU commands run for real on the tiny model with small sizes: a demo checkpoint the README
+names (`runs/demo/stage-*/export`) becomes the tiny checkpoint, and each script gets the flags
+of `SMALL` appended (argparse keeps the last value). The demo itself (its stages are tested in
+test_train.py) and the test command (this suite) are checked with `--dry_run` / not at all.
+Blocks whose first line starts with `# GPU` are parsed only: train.py's `--dry_run`, eval.py's
+and coldstart.py's argument parsers. Python blocks run and must print the text block after them.
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {
+    "eval.py": ["--limit", "4", "--max_tokens", "16", "--kv_cache_gb", "0.1"],
+    "bench/step_time.py": ["--reps", "1", "--prompts", "2"],
+    "bench/signal_density.py": ["--prompts", "4", "--n", "2"],
+    "bench/update_throughput.py": ["--models", "tiny", "--shapes", "demo", "--reps", "1"],
+    "bench/reward_throughput.py": ["--responses", "200", "--degenerate_chars", "1000"],
+    "bench/augment_overhead.py": ["--prompts", "4", "--tokens", "64"],
+    "bench/memory_plan.py": [],
+    "bench/toy_replication.py": ["--smoke"],
+    "bench/peer_trl.py": ["--help"],  # needs TRL (a bench-only extra); parsed only
+}
+DEMO_EXPORT = re.compile(r"^runs/demo/stage-[a-z0-9]+/export$")
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    return re.findall(r"^```(\w*)\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def commands(block: str) -> list[str]:
+    """Shell commands of a block: continuation lines joined, comments and blanks dropped."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    out = []
+    for line in joined.splitlines():
+        line = line.split(" # ")[0].strip() if not line.lstrip().startswith("#") else ""
+        out += [part.strip() for part in line.split("&&") if part.strip()]
+    return out
+
+
+def is_gpu(block: str) -> bool:
+    return block.lstrip().startswith("# GPU")
+
+
+BASH = [(b, is_gpu(b)) for lang, b in readme_blocks() if lang == "bash"]
+CPU_COMMANDS = [c for b, gpu in BASH if not gpu for c in commands(b)]
+GPU_COMMANDS = [c for b, gpu in BASH if gpu for c in commands(b)]
+
+
+def test_the_readme_has_commands_of_both_kinds():
+    assert len(CPU_COMMANDS) >= 5 and len(GPU_COMMANDS) >= 5
+    assert all(c.split()[0].startswith((".venv/bin/", "bash", "OMP_NUM_THREADS", "python3 -m venv"))
+               for c in CPU_COMMANDS + GPU_COMMANDS)  # fmt: skip
+    # one way to call the venv's tools: never a bare `python` / `torchrun`
+    assert not [c for c in CPU_COMMANDS + GPU_COMMANDS if re.match(r"^(python|torchrun|pip) ", c)]
+
+
+def script_and_args(command: str) -> tuple[list[str], str, list[str]]:
+    """(launcher argv, script, script args) of `.venv/bin/python|torchrun ... script.py args`."""
+    words = shlex.split(command)
+    while "=" in words[0] and not words[0].startswith("."):  # VAR=value prefixes
+        words = words[1:]
+    k = next(i for i, w in enumerate(words) if w.endswith(".py"))
+    return words[:k], words[k], words[k + 1 :]
+
+
+@pytest.mark.parametrize("command", GPU_COMMANDS)
+def test_gpu_commands_parse(command, monkeypatch):
+    if command.startswith(("python3 -m venv", ".venv/bin/pip")):
+        pytest.skip("installation")
+    launcher, script, args = script_and_args(command)
+    if script.startswith("-m") or "pytest" in launcher:
+        assert os.path.exists(os.path.join(ROOT, args[-1] if args else script))
+        return
+    nproc = [w.split("=")[1] for w in launcher if w.startswith("--nproc_per_node=")]
+    monkeypatch.setenv("WORLD_SIZE", nproc[0] if nproc else "1")
+    if script == "train.py":
+        import train
+
+        train.main([*args, "--dry_run"])
+    elif script == "eval.py":
+        import eval as evaluate
+
+        evaluate.parse_args(args)
+    elif script == "coldstart.py":
+        import coldstart
+
+        coldstart.parse_args(args)
+    else:
+        raise AssertionError(f"no parse check for {script}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", CPU_COMMANDS)
+def test_cpu_commands_run(command, tiny_path, tmp_path):
+    if ".ci/cpu-env" in command or "pytest" in command:
+        pytest.skip("installation / this test suite")
+    launcher, script, args = script_and_args(command)
+    if script == "train.py" and "demo" in args:
+        args = [*args, "--dry_run"]  # the demo's stages run in test_train.py
+    else:
+        args = [tiny_path if DEMO_EXPORT.match(a) else a for a in args]
+        args = [
+            str(tmp_path / "out") if i and args[i - 1] == "--out" else a for i, a in enumerate(args)
+        ]
+        args += SMALL[script]
+    if launcher[0].endswith("torchrun"):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--master_port",
+                    str(29200 + os.getpid() % 500), *launcher[1:]]  # fmt: skip
+    else:
+        launcher = [sys.executable, *launcher[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               OCTOPUS_CACHE=str(tmp_path / "cache"))  # fmt: skip
+    proc = subprocess.run([*launcher, os.path.join(ROOT, script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-4000:])
+
+
+@pytest.mark.slow
+def test_python_blocks_print_what_the_readme_shows(tmp_path):
+    blocks = readme_blocks()
+    ran = 0
+    for k, (lang, code) in enumerate(blocks):
+        if lang != "python":
+            continue
+        shown = blocks[k + 1][1] if k + 1 < len(blocks) and blocks[k + 1][0] == "text" else None
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, OCTOPUS_CACHE=str(tmp_path))
+        proc = subprocess.run([sys.executable, "-"], input=code, cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if shown is not None:
+            assert proc.stdout.strip() == shown.strip()
+        ran += 1
+    assert ran >= 1
+
+
+SCRIPTS = ["train.py", "eval.py", "coldstart.py", "tiny.py"] + sorted(
+    os.path.join("bench", f) for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py")
+)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_help_that_does_no_work(script, tmp_path):
+    before = set(os.listdir(tmp_path))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    assert set(os.listdir(tmp_path)) == before  # nothing written
