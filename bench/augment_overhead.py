@@ -61,7 +61,9 @@ def main() -> None:
     t2 = time.perf_counter()
     samples = 0
     for p in range(prompts):
-        group = splice_group(rollouts[p * n : (p + 1) * n], n_train, sc_ids, eos, rng=rng)
+        group = splice_group(
+            rollouts[p * n : (p + 1) * n], n_train, sc_ids, eos, rng=rng, tokenizer=tok
+        )
         samples += len(group)
     t3 = time.perf_counter()
 

@@ -434,8 +434,13 @@ def test_canonical_splices_are_the_tokens_sampling_would_give(tokenizer):
     texts = [O1 + SC + O2, O2 + SC + O1]
     rollouts = [make_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
                 for t in texts]  # fmt: skip
+    # the second rollout's o2 does not start with <think>: its splices take the whole-text path
+    texts[1] = O2 + SC + "So, " + O1
+    rollouts = [make_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
+                for t in texts]  # fmt: skip
     parts = splice_group(rollouts, 4, sc_ids, eos, rng=random.Random(0))
     whole = splice_group(rollouts, 4, sc_ids, eos, rng=random.Random(0), tokenizer=tokenizer)
+    assert {s.source for s in whole[2:]} == {(0, 1), (1, 0)}
     for a, b in zip(parts[2:], whole[2:], strict=True):
         assert tokenizer.decode(a.ids) == tokenizer.decode(b.ids)  # the same text
         assert a.ids != b.ids and "}ĊĊ" in tokenizer.convert_ids_to_tokens(b.ids)
