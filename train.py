@@ -3,12 +3,13 @@
     # the CPU demo (tiny model, synthetic task: cold start -> Stage I -> Stage II, 2 cores)
     .venv/bin/torchrun --nproc_per_node=2 train.py --preset demo
     # one 8-GPU node, the paper's runs (arXiv 2602.08503); every Config field is a flag (--help)
-    torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage1 --model ckpts/octopus-sft \\
-        --train_data data/ViRL39K --val_data data/geometry3k --out_dir runs/octopus-stage1
-    torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage2 \\
+    .venv/bin/torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage1 \\
+        --model runs/octopus-sft/export --train_data data/ViRL39K --val_data data/geometry3k \\
+        --out_dir runs/octopus-stage1
+    .venv/bin/torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage2 \\
         --model runs/octopus-stage1/export ... --out_dir runs/octopus-stage2
     # 1 GPU: --nproc_per_node=1 and a smaller --prompts_per_step; several nodes:
-    torchrun --nnodes=N --node_rank=i --master_addr=HOST --nproc_per_node=8 train.py ...
+    .venv/bin/torchrun --nnodes=N --node_rank=i --master_addr=HOST --nproc_per_node=8 train.py ...
 
 Reading order: `rl_step` (one RL step, the whole method on one screen) -> `make_group`
 (Algorithm 1 and the Sec. 4.3 masks for one prompt) -> `update` and `accumulate_gradients`
@@ -21,7 +22,7 @@ FSDP's collectives and in the counts that normalise the loss over the whole mini
 
 What this simplifies relative to the paper's EasyR1 runs:
 - one PPO epoch per step, as the paper; no dynamic sampling, no overlong reward shaping;
-- the learning-rate schedule counts optimizer steps of RL steps (warm-up, then constant or
+- the learning-rate schedule counts RL steps, not optimizer steps (warm-up, then constant or
   cosine);
 - micro-batches are packed rows of whole prompt groups up to a token budget, not a fixed count
   of padded sequences (the gradient is the same: the normalizers count the whole mini-batch).

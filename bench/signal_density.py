@@ -55,9 +55,11 @@ def main() -> None:
         f"machine: {os.cpu_count()} cores, CPU; model {args.model}; {args.prompts} prompts x n = {args.n}, N = {2 * args.n}"
     )
     print(
-        "| samples | count | w->c | c->c | c->w | w->w | no correction | w->c share | positive share per group (mean, min-max) |"
+        "| samples | count | w->c | c->c | c->w | w->w | no correction | w->c share | positive share per group (mean, min-max) | ... in mixed groups (min-max) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    # mixed: some of the group's originals end right and some wrong (Algorithm 1 balances these)
+    mixed = [0 < sum(r.final_correct for r in g) < len(g) for g in rollouts]
 
     def row(name, samples, per_group):
         c = transition_counts(samples)
@@ -65,8 +67,10 @@ def main() -> None:
             sum(s.o2_correct if s.sc_at is not None else s.o1_correct for s in g) / len(g)
             for g in per_group
         ]
+        in_mixed = [x for x, m in zip(shares, mixed, strict=True) if m]
         print(f"| {name} | {len(samples)} | {c['wc']} | {c['cc']} | {c['cw']} | {c['ww']} | {c['none']} | "
-              f"{c['wc'] / len(samples):.3f} | {sum(shares) / len(shares):.2f} ({min(shares):.2f}-{max(shares):.2f}) |")  # fmt: skip
+              f"{c['wc'] / len(samples):.3f} | {sum(shares) / len(shares):.2f} ({min(shares):.2f}-{max(shares):.2f}) | "
+              f"{min(in_mixed):.2f}-{max(in_mixed):.2f} |")  # fmt: skip
 
     class _Final:  # originals as samples: positive = final answer correct
         def __init__(self, r):
@@ -75,7 +79,8 @@ def main() -> None:
     row("generated", [_Final(r) for r in generated], [[_Final(r) for r in g] for g in rollouts])
     for mode in ("none", "random", "released", "paper"):
         rng = random.Random(0)
-        per_group = [splice_group(g, 2 * args.n, sc_ids, eos, mode=mode, rng=rng) for g in rollouts]
+        per_group = [splice_group(g, 2 * args.n, sc_ids, eos, mode=mode, rng=rng, tokenizer=tok)
+                     for g in rollouts]  # fmt: skip
         row(f"trained ({mode})", [s for g in per_group for s in g], per_group)
     engine.close()
 
