@@ -1,5 +1,5 @@
-"""Dataset rows -> chat examples with images (PAPER.md §7: ViRL-39K to train, Geometry3K to
-validate), and the synthetic visual task of the CPU demo.
+"""Dataset rows -> chat examples with images (the paper trains on ViRL-39K and validates on
+Geometry3K), and the synthetic visual task of the CPU demo.
 
 An example is a plain dict: `{"id", "messages", "answer", "category"?}` where `messages` is a
 chat whose user turn holds `{"type": "image", "image": PIL.Image}` and `{"type": "text"}`
@@ -274,37 +274,85 @@ def prompt_length(processor, example: dict) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The synthetic task of the CPU demo: count black dots (FINDINGS.md: a tiny model learns it)
+# The synthetic task of the CPU demo: count black dots (a tiny model learns it on 2 cores)
 # ---------------------------------------------------------------------------------------------
 
 DOTS_QUESTION = "How many dots are in the image?"
+# The harder variant's question: squares are drawn too, and only the round dots count.
+DOTS_QUESTION_SQUARES = "How many round dots are in the image? Do not count the squares."
+
+# Variants of the dot task. "easy" is the demo's: 96x96 (9 visual tokens), 1-6 dots. "hard"
+# leaves reinforcement learning room at toy scale (bench/toy_replication.py): 128x128 (16
+# visual tokens, the tiny processor's most), 1-9 dots and up to 3 grey squares that must not be
+# counted. Every shape has a 32-pixel cell (one visual token) to itself, and the dots stay large
+# and black: with radius-6 dots and black squares the ~1M-parameter model stayed at chance
+# through 475 SFT steps; with these it learns within ~300 (README, toy-scale replication).
+DOTS_VARIANTS: dict[str, dict] = {
+    "easy": dict(size=96, cell=32, radius=8, max_dots=6, max_squares=0, question=DOTS_QUESTION),
+    "hard": dict(size=128, cell=32, radius=8, max_dots=9, max_squares=3,
+                 square_fill=(150, 150, 150), question=DOTS_QUESTION_SQUARES),
+}  # fmt: skip
 
 
-def dots_image(count: int, rng: random.Random, size: int = 96, cell: int = 32) -> Image.Image:
-    """`count` black dots of radius 8 on white, at most one per 32-pixel cell."""
+def dots_image(
+    count: int,
+    rng: random.Random,
+    size: int = 96,
+    cell: int = 32,
+    *,
+    radius: int = 8,
+    squares: int = 0,
+    square_fill: str | tuple[int, int, int] = "black",
+) -> Image.Image:
+    """`count` black dots of `radius` on white and `squares` squares of the same width in
+    `square_fill`, at most one shape per `cell`-pixel cell, each fully inside its cell."""
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
-    cells = rng.sample([(x, y) for x in range(size // cell) for y in range(size // cell)], count)
-    for cx, cy in cells:
-        x = cx * cell + rng.randint(9, cell - 9)
-        y = cy * cell + rng.randint(9, cell - 9)
-        draw.ellipse((x - 8, y - 8, x + 8, y + 8), fill="black")
+    grid = [(x, y) for x in range(size // cell) for y in range(size // cell)]
+    if count + squares > len(grid):
+        raise ValueError(f"{count} dots + {squares} squares do not fit {len(grid)} cells")
+    cells = rng.sample(grid, count)
+    # the squares are drawn after the dots (and only when asked): the easy images stay the same
+    if squares:
+        cells += rng.sample([c for c in grid if c not in cells], squares)
+    for k, (cx, cy) in enumerate(cells):
+        x = cx * cell + rng.randint(radius + 1, cell - radius - 1)
+        y = cy * cell + rng.randint(radius + 1, cell - radius - 1)
+        box = (x - radius, y - radius, x + radius, y + radius)
+        if k < count:
+            draw.ellipse(box, fill="black")
+        else:
+            draw.rectangle(box, fill=square_fill)
     return image
 
 
 def synthetic_task(
-    n: int, seed: int = 0, *, suffix: str = OCTOPUS_SUFFIX, max_dots: int = 6
+    n: int,
+    seed: int = 0,
+    *,
+    suffix: str = OCTOPUS_SUFFIX,
+    max_dots: int | None = None,
+    variant: str = "easy",
 ) -> list[dict]:
-    """`n` dot-counting examples (answers 1..max_dots), deterministic in `seed`."""
+    """`n` dot-counting examples (answers 1..max_dots, by default the variant's), deterministic
+    in `seed`; `variant` names an entry of `DOTS_VARIANTS`."""
+    if variant not in DOTS_VARIANTS:
+        raise ValueError(f"unknown dots variant {variant!r}; known: {', '.join(DOTS_VARIANTS)}")
+    v = DOTS_VARIANTS[variant]
+    max_dots = v["max_dots"] if max_dots is None else max_dots
     rng = random.Random(seed)
     out = []
     for i in range(n):
         count = rng.randint(1, max_dots)
+        squares = rng.randint(0, v["max_squares"]) if v["max_squares"] else 0
+        image = dots_image(count, rng, v["size"], v["cell"], radius=v["radius"], squares=squares,
+                           square_fill=v.get("square_fill", "black"))  # fmt: skip
         content = [
-            {"type": "image", "image": dots_image(count, rng)},
-            {"type": "text", "text": DOTS_QUESTION + suffix},
+            {"type": "image", "image": image},
+            {"type": "text", "text": v["question"] + suffix},
         ]
-        out.append({"id": f"dots-{seed}-{i}", "messages": [{"role": "user", "content": content}],
+        name = "dots" if variant == "easy" else f"dots-{variant}"
+        out.append({"id": f"{name}-{seed}-{i}", "messages": [{"role": "user", "content": content}],
                     "answer": str(count)})  # fmt: skip
     return out
 
@@ -318,7 +366,7 @@ def synthetic_answer(answer: str, guess: str | None = None) -> str:
 def synthetic_coldstart(
     example: dict, rng: random.Random, p_wrong_first: float = 0.5, p_wrong_second: float = 0.3
 ) -> str:
-    """A cold-start response `o1 + SC + o2` for a dot example (PAPER.md §6 in miniature): o1 a
+    """A cold-start response `o1 + SC + o2` for a dot example (the cold start of Sec. 4.1 in miniature): o1 a
     near miss with probability `p_wrong_first`, o2 right except with `p_wrong_second`. The
     demo's teacher is noisy on purpose: a cold start that already counts perfectly would leave
     RL nothing to improve."""
