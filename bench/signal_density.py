@@ -68,9 +68,11 @@ def main() -> None:
             for g in per_group
         ]
         in_mixed = [x for x, m in zip(shares, mixed, strict=True) if m]
+        # a policy that is always right or always wrong has no mixed group to report
+        span = f"{min(in_mixed):.2f}-{max(in_mixed):.2f}" if in_mixed else "no mixed group"
         print(f"| {name} | {len(samples)} | {c['wc']} | {c['cc']} | {c['cw']} | {c['ww']} | {c['none']} | "
               f"{c['wc'] / len(samples):.3f} | {sum(shares) / len(shares):.2f} ({min(shares):.2f}-{max(shares):.2f}) | "
-              f"{min(in_mixed):.2f}-{max(in_mixed):.2f} |")  # fmt: skip
+              f"{span} |")  # fmt: skip
 
     class _Final:  # originals as samples: positive = final answer correct
         def __init__(self, r):

@@ -25,7 +25,8 @@ SMALL = {
     "bench/reward_throughput.py": ["--responses", "200", "--degenerate_chars", "1000"],
     "bench/augment_overhead.py": ["--prompts", "4", "--tokens", "64"],
     "bench/memory_plan.py": [],
-    "bench/toy_replication.py": ["--smoke"],
+    # two arms: test_toy_replication.py runs the smoke of more
+    "bench/toy_replication.py": ["--smoke", "--arms", "octopus,sft-only"],
     "bench/peer_trl.py": ["--help"],  # needs TRL (a bench-only extra); parsed only
 }
 DEMO_EXPORT = re.compile(r"^runs/demo/stage-[a-z0-9]+/export$")
@@ -113,6 +114,8 @@ def test_cpu_commands_run(command, tiny_path, tmp_path):
             str(tmp_path / "out") if i and args[i - 1] == "--out" else a for i, a in enumerate(args)
         ]
         args += SMALL[script]
+        if script == "bench/toy_replication.py":  # its cache of models, not the repository's
+            args += ["--work", str(tmp_path / "work")]
     if launcher[0].endswith("torchrun"):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--master_port",
                     str(29200 + os.getpid() % 500), *launcher[1:]]  # fmt: skip
