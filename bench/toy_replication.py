@@ -2,7 +2,7 @@
 for real on the tiny Qwen3-VL, on a harder dot-counting task, from an honest cold start.
 
     .venv/bin/python bench/toy_replication.py --arms octopus,gspo-n16 --seeds 0,1,2 --out bench/results
-    .venv/bin/python bench/toy_replication.py --quick        # 1 seed, fewer steps (~20 min)
+    .venv/bin/python bench/toy_replication.py --quick        # 1 seed, 40 steps (~10 min from an empty cache)
     .venv/bin/python bench/toy_replication.py --smoke --out /tmp/toy   # every stage, 2 steps (CI)
 
 Per seed, once (cached under `--work`): a tiny Qwen3-VL; a plain-answer "base" policy (SFT on
@@ -52,7 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from data import synthetic_answer, synthetic_task  # noqa: E402
 from octopus import BASELINE_SUFFIX, PRESETS  # noqa: E402
 
-VARIANT = "hard"  # data.DOTS_VARIANTS: 128x128, 1-9 dots of radius 6, up to 3 squares
+VARIANT = "hard"  # data.DOTS_VARIANTS: 128x128, 1-9 black dots, up to 3 grey squares
 VAL_SEED = 1_000_003  # the held-out set is the same for every seed and arm
 DEV_SEED = 1_000_033  # the base policy's stop rule measures on its own set, not on VAL
 
@@ -93,7 +93,7 @@ PAPER = {"octopus": 71.7, "gspo-n8": 67.4, "gspo-n16": 70.7, "no-augment": 67.4,
          "random-augment": 68.6, "released-augment": None, "no-stage1": 69.8, "sft-only": 63.4,
          "base": 62.2}  # fmt: skip
 
-# Sizes of one run. full: the committed results; quick: 1 seed in ~20 min; smoke: every stage
+# Sizes of one run. full: the committed results; quick: 1 seed in ~10 min; smoke: every stage
 # for 2 steps (CI).
 SCALES = {
     "full": dict(steps=100, val_every=10, val=256, dev=128, base_rows=4096, base_max_steps=600,
