@@ -215,16 +215,15 @@ def _splice(
     j: int,
     sc_ids: list[int],
     eos_id: int,
-    tokenizer=None,
-    prefixes: dict | None = None,
+    encoder: _SpliceEncoder | None = None,
 ) -> Sample:
     a, b = rollouts[i], rollouts[j]
     r_prime = guarded_correction_reward(
         a.o1_correct, b.o2_correct, identical=a.o1 == b.o2, o1_answered=True, o2_format=b.o2_format
     )
     ids, sc_at, o1_len = a.o1 + sc_ids + b.o2 + [eos_id], len(a.o1) + len(sc_ids), len(a.o1)
-    if tokenizer is not None:
-        ids, sc_at, o1_len = _canonical(tokenizer, a.o1, b.o2, eos_id, prefixes, i)
+    if encoder is not None:
+        ids, sc_at, o1_len = encoder(i, a.o1, b.o2, eos_id)
     return Sample(
         ids=ids,
         kind=transition_kind(a.o1_correct, b.o2_correct),
@@ -237,52 +236,45 @@ def _splice(
     )
 
 
-def _canonical(
-    tokenizer, o1: list[int], o2: list[int], eos_id: int, prefixes: dict, o1_key: int
-) -> tuple[list[int], int, int]:
+class _SpliceEncoder:
     """`o1 + SC + o2` encoded as one text, as the model would have sampled it (the parts
     encoded apart leave `}` + `\\n` + `\\n` where sampling writes `}\\n\\n`), with its o1 + SC
-    and o1 token counts from the byte offsets of the encoded tokens.
+    and o1 token counts from the byte offsets of the encoded tokens. One per group.
 
     When o2 starts with an added token (`<think>` in Qwen's tokenizers and the tiny one), the
     tokenizer splits the text there before any merge, so the encoding of `o1 + SC` (the same
-    for every splice of this o1: kept in `prefixes` under `o1_key`) followed by o2's own ids is
-    exactly the encoding of the whole text; otherwise the whole text is encoded."""
-    if o1_key not in prefixes:
-        prefixes[o1_key] = _canonical_prefix(tokenizer, o1)
-    prefix, sc_at, o1_len = prefixes[o1_key]
-    if o2 and o2[0] in _added_ids(tokenizer):
-        return [*prefix, *o2, eos_id], sc_at, o1_len
-    decode = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    text = tokenizer.decode(o1, **decode) + SC + tokenizer.decode(o2, **decode)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return [*ids, eos_id], *_sc_boundaries(tokenizer, ids, text)
+    for every splice of one o1: encoded once per rollout) followed by o2's own ids is exactly
+    the encoding of the whole text; otherwise the whole text is encoded."""
 
+    _DECODE = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-def _canonical_prefix(tokenizer, o1: list[int]) -> tuple[list[int], int, int]:
-    decode = dict(skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    text = tokenizer.decode(o1, **decode) + SC
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    return ids, *_sc_boundaries(tokenizer, ids, text)
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.added = frozenset(tokenizer.get_added_vocab().values())
+        self.prefixes: dict[int, tuple[str, list[int], int, int]] = {}  # rollout -> o1 + SC
 
+    def __call__(
+        self, i: int, o1: list[int], o2: list[int], eos_id: int
+    ) -> tuple[list[int], int, int]:
+        """(ids, sc_at, o1_len) of the splice of rollout `i`'s `o1` and another's `o2`."""
+        if i not in self.prefixes:
+            text = self.tokenizer.decode(o1, **self._DECODE) + SC
+            self.prefixes[i] = (text, *self._encode(text))
+        text, prefix, sc_at, o1_len = self.prefixes[i]
+        if o2 and o2[0] in self.added:
+            return [*prefix, *o2, eos_id], sc_at, o1_len
+        ids, sc_at, o1_len = self._encode(text + self.tokenizer.decode(o2, **self._DECODE))
+        return [*ids, eos_id], sc_at, o1_len
 
-def _sc_boundaries(tokenizer, ids: list[int], text: str) -> tuple[int, int]:
-    """(sc_at, o1_len) of an encoded text that holds an SC, from the tokens' byte offsets."""
-    span = sc_span(text)
-    ends = _byte_ends(tokenizer, ids, text)
-    sc_at = _first_token_reaching(tokenizer, ids, text, span[1], ends)
-    o1_len = _last_token_within(tokenizer, ids, text, len(text[: span[0]].rstrip()), ends)
-    return sc_at, o1_len
-
-
-_ADDED_IDS: dict[int, frozenset[int]] = {}
-
-
-def _added_ids(tokenizer) -> frozenset[int]:
-    key = id(tokenizer)
-    if key not in _ADDED_IDS:
-        _ADDED_IDS[key] = frozenset(tokenizer.get_added_vocab().values())
-    return _ADDED_IDS[key]
+    def _encode(self, text: str) -> tuple[list[int], int, int]:
+        """(ids, sc_at, o1_len) of a text that holds an SC."""
+        tok = self.tokenizer
+        ids = tok.encode(text, add_special_tokens=False)
+        span = sc_span(text)
+        ends = _byte_ends(tok, ids, text)
+        sc_at = _first_token_reaching(tok, ids, text, span[1], ends)
+        o1_len = _last_token_within(tok, ids, text, len(text[: span[0]].rstrip()), ends)
+        return ids, sc_at, o1_len
 
 
 def _original(r: Rollout, i: int) -> Sample:
@@ -410,9 +402,9 @@ def splice_group(
     k = sum(r.final_correct for r in rollouts)
     group = [_original(r, i) for i, r in enumerate(rollouts)]
     pool = candidate_pool(rollouts, same=mode == "released", max_len=max_len, sc_len=len(sc_ids))
-    prefixes: dict = {}  # o1 + SC of rollout i, encoded once for all its splices
+    encoder = _SpliceEncoder(tokenizer) if tokenizer is not None else None
     for i, j in select_pairs(pool, k, n, n_target, mode, rng):
-        group.append(_splice(rollouts, i, j, sc_ids, eos_id, tokenizer, prefixes))
+        group.append(_splice(rollouts, i, j, sc_ids, eos_id, encoder))
     if (mode == "released" if pad is None else pad) and n > 0:
         while len(group) < n_target:
             group.append(group[(len(group) - n) % n])

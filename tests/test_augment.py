@@ -431,11 +431,8 @@ def test_canonical_splices_are_the_tokens_sampling_would_give(tokenizer):
     once, exactly as an original rollout of that text, masks included."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     sc_ids = tokenizer.encode(SC, add_special_tokens=False)
-    texts = [O1 + SC + O2, O2 + SC + O1]
-    rollouts = [make_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
-                for t in texts]  # fmt: skip
     # the second rollout's o2 does not start with <think>: its splices take the whole-text path
-    texts[1] = O2 + SC + "So, " + O1
+    texts = [O1 + SC + O2, O2 + SC + "So, " + O1]
     rollouts = [make_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
                 for t in texts]  # fmt: skip
     parts = splice_group(rollouts, 4, sc_ids, eos, rng=random.Random(0))
