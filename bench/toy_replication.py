@@ -49,6 +49,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from coldstart import question_row  # noqa: E402
 from data import synthetic_answer, synthetic_task  # noqa: E402
 from octopus import BASELINE_SUFFIX, PRESETS  # noqa: E402
 
@@ -126,11 +127,7 @@ def write_rows(examples: list[dict], path: str, responses: list[str] | None = No
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for k, e in enumerate(examples):
-            image, text = e["messages"][0]["content"]
-            name = f"{e['id']}.png"
-            image["image"].save(os.path.join(folder, name))
-            row = {"id": e["id"], "question": "<image>" + text["text"], "answer": e["answer"],
-                   "images": [os.path.join("images", name)]}  # fmt: skip
+            row = question_row(e, folder, "images")
             if responses is not None:
                 row["response"] = responses[k]
             f.write(json.dumps(row) + "\n")
@@ -230,7 +227,6 @@ def coldstart_job(work: str, seed: int, scale: dict) -> None:
         # the engine last synced at the last validation: give it the exported weights
         engine.wake()
         engine.sync_weights(load_file(os.path.join(base, "model.safetensors")).items())
-    engine.wake()
     calib["base_curve"] = _curve(cfg.out_dir)
     calib["base_steps"] = calib["base_curve"][-1]["step"] if calib["base_curve"] else 0
 
