@@ -21,8 +21,8 @@ from octopus import SC, sc_span, split_response
 from reward import (
     Score,
     answer_span,
+    correction_reward,
     format_reward,
-    guarded_correction_reward,
     octopus_reward,
     score,
 )
@@ -218,7 +218,7 @@ def _splice(
     encoder: _SpliceEncoder | None = None,
 ) -> Sample:
     a, b = rollouts[i], rollouts[j]
-    r_prime = guarded_correction_reward(
+    r_prime = correction_reward(
         a.o1_correct, b.o2_correct, identical=a.o1 == b.o2, o1_answered=True, o2_format=b.o2_format
     )
     ids, sc_at, o1_len = a.o1 + sc_ids + b.o2 + [eos_id], len(a.o1) + len(sc_ids), len(a.o1)

@@ -1,10 +1,12 @@
-"""Rule-based verifiable reward of Octopus (arXiv 2602.08503, Eq. 3 and Eq. 6): answer
-extraction, format, safe equivalence, and the shaped correction reward with the released code's
-guards. Self-contained (imports only `octopus.split_response`): copy it into another trainer.
+"""The verifiable reward of Octopus (arXiv 2602.08503, Eq. 3 and Eq. 6), and how it is graded.
 
-Read top-down: extraction -> format -> equivalence (an eval-free fast path) -> the rewards
-(Eq. 3 with guards, Eq. 6, the no-correction and baseline rewards) -> `score` / `score_batch`
--> the math-verify worker pool that the fast path falls back to.
+Read top-down: the paper's rewards first, `correction_reward` (r' of Eq. 3, with the released
+code's guards against reward hacking) and `octopus_reward` (Eq. 6); then `response_reward`, the
+reward of one split response (Eq. 6, the no-correction reward, or the baselines' reward), and
+`score` / `score_batch`, which grade whole responses. Below them, the grading machinery: the
+answer a part gives (the last `\\boxed{...}` after `</think>`), its format fmt(o), and acc(o),
+the equivalence check (an eval-free fast path, then math-verify in worker processes).
+Self-contained (imports only `octopus.split_response`): copy it into another trainer.
 
 Model output is untrusted text. Nothing here evaluates it as code; every parse of a response is
 linear in its length (no backtracking regex over model text); box contents over
@@ -12,8 +14,8 @@ linear in its length (no backtracking regex over model text); box contents over
 math-verify, in worker processes that the parent kills at a hard deadline (math-verify's own
 timeout is SIGALRM-based, so it does not fire in threads and gmpy2 factorials ignore it).
 
-Public API: `extract_boxed`, `answer_of`, `format_reward`, `is_equivalent`,
-`correction_reward`, `octopus_reward`, `response_reward`, `score`, `score_batch`, `Score`.
+Public API: `correction_reward`, `octopus_reward`, `response_reward`, `score`, `score_batch`,
+`Score`, `answer_of`, `format_reward`, `is_equivalent`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,127 @@ MAX_ANSWER_CHARS = 300  # no real answer is longer; longer ones are not parsed a
 MAX_EXPONENT = 400  # 1e999999999 must not become a billion-digit integer
 DEFAULT_TIMEOUT_S = 3.0
 WORKER_MEMORY_BYTES = 2 * 1024**3
+REWARD_KINDS = ("octopus", "baseline")
+
+# =============================================================================================
+# The rewards: Eq. 3 (with the released guards), Eq. 6, without a correction, the baselines'
+# =============================================================================================
+
+
+def correction_reward(
+    acc_o1: float, acc_o2: float, *, identical: bool, o1_answered: bool, o2_format: float
+) -> float:
+    """r' of Eq. 3, the shaped reward of a response with a correction, on (acc(o1), acc(o2)):
+
+        wrong -> correct  1.0        correct -> correct  0.75
+        wrong -> wrong    0.0        correct -> wrong   -0.25
+
+    capped by the released code's guards against reward hacking: o1 identical to o2 caps it at
+    0.5; o1 without a (non-empty) box caps it at 0; fmt(o2) = 0 caps it at 0.5. It takes the
+    facts, not the texts, so spliced samples that exist only as token ids use it too.
+    """
+    r = {(0, 1): 1.0, (1, 1): 0.75, (0, 0): 0.0, (1, 0): -0.25}[(int(acc_o1), int(acc_o2))]
+    if identical:
+        r = min(r, 0.5)
+    if not o1_answered:
+        r = min(r, 0.0)
+    if o2_format == 0.0:
+        r = min(r, 0.5)
+    return r
+
+
+def octopus_reward(r_prime: float, fmt_o1: float, fmt_o2: float) -> float:
+    """Eq. 6, the training reward of a response with a correction:
+    `0.9 r' + 0.1 min(fmt(o1), fmt(o2))`, with r' from `correction_reward`."""
+    return 0.9 * r_prime + 0.1 * min(fmt_o1, fmt_o2)
+
+
+@dataclass(frozen=True)
+class Score:
+    """The graded response: `reward` trains, the rest is logged."""
+
+    reward: float
+    format: float  # min(fmt(o1), fmt(o2)) with a correction, fmt of the graded part without
+    acc_o1: float
+    acc_o2: float | None  # None without a correction
+    acc_final: float
+    has_correction: bool
+
+
+def response_reward(
+    o1: str, o2: str | None, acc_o1: bool, acc_o2: bool, *, kind: str = "octopus"
+) -> Score:
+    """The reward of one split response, given the correctness of its parts.
+
+    `kind="octopus"`: with a correction, Eq. 6 of r' (Eq. 3 with the guards); without one, the
+    released code's `0.9 (acc - 0.5) + 0.1 fmt` (Eq. 6 needs two parts, and centring keeps a
+    plain right answer below a w->c correction). `kind="baseline"` (GRPO / DAPO / GSPO and
+    validation): `0.9 acc + 0.1 fmt` of the final part, o2 when present.
+    """
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"reward kind must be 'octopus' or 'baseline', got {kind!r}")
+    a1 = float(acc_o1)
+    a2 = None if o2 is None else float(acc_o2)
+    if kind == "baseline":
+        final, acc_final = (o1, a1) if o2 is None else (o2, a2)
+        fmt = format_reward(final)
+        return Score(0.9 * acc_final + 0.1 * fmt, fmt, a1, a2, acc_final, o2 is not None)
+    if o2 is None:
+        fmt = format_reward(o1)
+        return Score(0.9 * (a1 - 0.5) + 0.1 * fmt, fmt, a1, None, a1, False)
+    fmt_o1, fmt_o2 = format_reward(o1), format_reward(o2)
+    # The released split leaves `<self-correction>` inside o1, so its identity guard never
+    # fires; the stripped texts are compared here, which is the guard's intent.
+    r_prime = correction_reward(
+        a1,
+        a2,
+        identical=o1.strip() == o2.strip(),
+        o1_answered=bool((answer_of(o1) or "").strip()),
+        o2_format=fmt_o2,
+    )
+    return Score(octopus_reward(r_prime, fmt_o1, fmt_o2), min(fmt_o1, fmt_o2), a1, a2, a2, True)
+
+
+def score(response: str, ground_truth: str, *, kind: str = "octopus") -> Score:
+    """Grade one response: `response_reward` of its parts, each part's answer checked against
+    `ground_truth`. A malformed response scores low, never raises."""
+    return score_batch([response], [ground_truth], kind=kind, workers=1)[0]
+
+
+def score_batch(
+    responses: list[str],
+    ground_truths: list[str],
+    *,
+    kind: str = "octopus",
+    workers: int = 2,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[Score]:
+    """`score` over a batch: the fast path in this process, the rest across `workers` grader
+    processes with a hard per-item deadline of `timeout_s` seconds. Linear in the length of
+    every response, so a degenerate one (a 1M-character whitespace run) costs milliseconds."""
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"reward kind must be 'octopus' or 'baseline', got {kind!r}")
+    parts = [split_response(r) for r in responses]
+    pairs, where = [], []
+    for i, (o1, o2) in enumerate(parts):
+        for which, part in ((1, o1), (2, o2)):
+            answer = answer_of(part) if part is not None else None
+            if answer:  # a missing or empty box is simply wrong
+                where.append((i, which))
+                pairs.append((answer, str(ground_truths[i])))
+    verdicts = _equivalent_many(pairs, workers=workers, timeout_s=timeout_s)
+    acc = dict(zip(where, verdicts, strict=True))
+    return [
+        response_reward(o1, o2, acc.get((i, 1), False), acc.get((i, 2), False), kind=kind)
+        for i, (o1, o2) in enumerate(parts)
+    ]
+
+
+# =============================================================================================
+# The grading machinery: a part's answer, fmt(o), acc(o) (what `score_batch` calls)
+# =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
 # Extraction: the last \boxed{...}, read after </think>
@@ -69,12 +192,6 @@ def boxed_span(text: str) -> tuple[int, int] | None:
                 return start, i
         i += 1
     return None
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` in `text` (braces nested), or None."""
-    span = boxed_span(text)
-    return None if span is None else text[span[0] : span[1]]
 
 
 def answer_span(part: str) -> tuple[int, int] | None:
@@ -228,13 +345,25 @@ def _fast_equivalent(pred: str, truth: str) -> bool | None:
         return _YES_NO.get(p.lower().rstrip("!.")) == _YES_NO[t.lower()]
     tn, pn = _to_number(t), _to_number(p)
     if tn is not None and pn is not None:
-        (tv, _), (pv, p_percent) = tn, pn
-        return pv == tv or (p_percent and pv / 100 == tv)
+        return _same_number(pn, tn)
     if tn is not None and re.fullmatch(r"[A-Za-z ]+", p):
         return False  # a word against a number
     if re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", t) and re.fullmatch(r"[A-Za-z][A-Za-z '\-]*", p):
         return False  # two different words: nothing for a math parser to add
     return None
+
+
+def _same_number(pred: tuple[Fraction, bool], truth: tuple[Fraction, bool]) -> bool:
+    """Two `_to_number` values, graded the same way round either way: equal numbers, or a
+    percent on ONE side read as its fraction (`50%` and `0.5` match whichever is the truth,
+    as math-verify reads them; `50%` and `50` match too, as the released grader, which drops
+    `%`, reads them). Two percents compare their numbers: `50%` is not `0.5%`."""
+    (pv, p_percent), (tv, t_percent) = pred, truth
+    if pv == tv:
+        return True
+    if p_percent == t_percent:
+        return False
+    return (pv / 100 if p_percent else pv) == (tv / 100 if t_percent else tv)
 
 
 def is_equivalent(pred: str, truth: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
@@ -260,132 +389,6 @@ def _equivalent_many(pairs: list[tuple[str, str]], *, workers: int, timeout_s: f
         slow = dict(zip(pending, _grader_pool(workers).run(pending, timeout_s), strict=True))
         results = [slow[pairs[i]] if r is None else r for i, r in enumerate(results)]
     return [bool(r) for r in results]
-
-
-# ---------------------------------------------------------------------------------------------
-# Rewards: Eq. 3 with guards, Eq. 6, the no-correction reward, the baseline reward
-# ---------------------------------------------------------------------------------------------
-
-# Eq. 3: shaped reward r' on (acc(o1), acc(o2)).
-CORRECTION_REWARD = {(0, 1): 1.0, (1, 1): 0.75, (0, 0): 0.0, (1, 0): -0.25}
-REWARD_KINDS = ("octopus", "baseline")
-
-
-def guarded_correction_reward(
-    acc_o1: float, acc_o2: float, *, identical: bool, o1_answered: bool, o2_format: float
-) -> float:
-    """r' of Eq. 3 capped by the released code's guards against reward hacking: o1 identical
-    to o2 caps at 0.5; o1 without a (non-empty) box caps at 0; fmt(o2) = 0 caps at 0.5.
-    Takes the facts, not the texts, so spliced samples that exist only as ids use it too."""
-    r = CORRECTION_REWARD[(int(acc_o1), int(acc_o2))]
-    if identical:
-        r = min(r, 0.5)
-    if not o1_answered:
-        r = min(r, 0.0)
-    if o2_format == 0.0:
-        r = min(r, 0.5)
-    return r
-
-
-def correction_reward(o1: str, o2: str, acc_o1: float, acc_o2: float) -> float:
-    """`guarded_correction_reward` of two part texts.
-
-    The released split leaves `<self-correction>` inside o1 so its identity guard never fires;
-    this one compares the stripped texts, which is the guard's intent.
-    """
-    return guarded_correction_reward(
-        acc_o1,
-        acc_o2,
-        identical=o1.strip() == o2.strip(),
-        o1_answered=bool((answer_of(o1) or "").strip()),
-        o2_format=format_reward(o2),
-    )
-
-
-def octopus_reward(r_prime: float, fmt_o1: float, fmt_o2: float) -> float:
-    """Eq. 6, the training reward of a response with a correction:
-    `0.9 r' + 0.1 min(fmt(o1), fmt(o2))`, with r' from `guarded_correction_reward`."""
-    return 0.9 * r_prime + 0.1 * min(fmt_o1, fmt_o2)
-
-
-@dataclass(frozen=True)
-class Score:
-    """The graded response: `reward` trains, the rest is logged."""
-
-    reward: float
-    format: float  # min(fmt(o1), fmt(o2)) with a correction, fmt of the graded part without
-    acc_o1: float
-    acc_o2: float | None  # None without a correction
-    acc_final: float
-    has_correction: bool
-
-
-def response_reward(
-    o1: str, o2: str | None, acc_o1: bool, acc_o2: bool, *, kind: str = "octopus"
-) -> Score:
-    """The reward of one split response, given the correctness of its parts.
-
-    `kind="octopus"`: Eq. 6 (`octopus_reward`) with the guards when there is a correction;
-    without one, the released code's `0.9 (acc - 0.5) + 0.1 fmt` (Eq. 6 needs two parts, and
-    centring keeps a plain right answer below a w->c correction). `kind="baseline"` (GRPO /
-    DAPO / GSPO and validation): `0.9 acc + 0.1 fmt` of the final part, o2 when present.
-    """
-    if kind not in REWARD_KINDS:
-        raise ValueError(f"reward kind must be 'octopus' or 'baseline', got {kind!r}")
-    a1 = float(acc_o1)
-    a2 = None if o2 is None else float(acc_o2)
-    if kind == "baseline":
-        final, acc_final = (o1, a1) if o2 is None else (o2, a2)
-        fmt = format_reward(final)
-        return Score(0.9 * acc_final + 0.1 * fmt, fmt, a1, a2, acc_final, o2 is not None)
-    if o2 is None:
-        fmt = format_reward(o1)
-        return Score(0.9 * (a1 - 0.5) + 0.1 * fmt, fmt, a1, None, a1, False)
-    fmt_o1, fmt_o2 = format_reward(o1), format_reward(o2)
-    reward = octopus_reward(correction_reward(o1, o2, a1, a2), fmt_o1, fmt_o2)
-    return Score(reward, min(fmt_o1, fmt_o2), a1, a2, a2, True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring responses: split, extract, grade, reward
-# ---------------------------------------------------------------------------------------------
-
-
-def score(response: str, ground_truth: str, *, kind: str = "octopus") -> Score:
-    """Grade one response: `response_reward` of its parts, each part's answer checked against
-    `ground_truth`. A malformed response scores low, never raises."""
-    return score_batch([response], [ground_truth], kind=kind, workers=1)[0]
-
-
-def score_batch(
-    responses: list[str],
-    ground_truths: list[str],
-    *,
-    kind: str = "octopus",
-    workers: int = 2,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> list[Score]:
-    """`score` over a batch: the fast path in this process, the rest across `workers` grader
-    processes with a hard per-item deadline of `timeout_s` seconds. Linear in the length of
-    every response, so a degenerate one (a 1M-character whitespace run) costs milliseconds."""
-    if len(responses) != len(ground_truths):
-        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
-    if kind not in REWARD_KINDS:
-        raise ValueError(f"reward kind must be 'octopus' or 'baseline', got {kind!r}")
-    parts = [split_response(r) for r in responses]
-    pairs, where = [], []
-    for i, (o1, o2) in enumerate(parts):
-        for which, part in ((1, o1), (2, o2)):
-            answer = answer_of(part) if part is not None else None
-            if answer:  # a missing or empty box is simply wrong
-                where.append((i, which))
-                pairs.append((answer, str(ground_truths[i])))
-    verdicts = _equivalent_many(pairs, workers=workers, timeout_s=timeout_s)
-    acc = dict(zip(where, verdicts, strict=True))
-    return [
-        response_reward(o1, o2, acc.get((i, 1), False), acc.get((i, 2), False), kind=kind)
-        for i, (o1, o2) in enumerate(parts)
-    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from octopus import SC
 from reward import (
     MAX_ANSWER_CHARS,
     Score,
-    extract_boxed,
+    boxed_span,
     format_reward,
     grader_stats,
     is_equivalent,
@@ -29,6 +29,12 @@ GOOD_C = "<think>again</think>\n\\boxed{4}"  # well-formed, correct
 
 def sc(o1: str, o2: str) -> str:
     return o1 + SC + o2
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` in `text` (braces nested), or None."""
+    span = boxed_span(text)
+    return None if span is None else text[span[0] : span[1]]
 
 
 # --------------------------------------------------------------------------- extraction
@@ -291,6 +297,27 @@ NOT_EQUIVALENT = [
     ("1e999999999", "1"), ("9**9**9", "1"), ("10^{10^{10}}", "1"), ("1/0", "0"), ("B", "12"),
 ]
 # fmt: on
+
+# A percent on one side is graded the same way round whichever side is the truth: `50%` reads
+# as 50 or as 50 / 100 = 0.5; two percents compare their numbers. (a, b, equivalent), checked
+# as is_equivalent(a, b) and is_equivalent(b, a).
+PERCENTS = [
+    ("50%", "0.5", True),
+    ("50\\%", "\\frac{1}{2}", True),
+    ("12.5%", "0.125", True),
+    ("0.5%", "0.005", True),
+    ("50%", "50", True),
+    ("50%", "50\\%", True),
+    ("40%", "0.5", False),  # 40 and 0.4, against 0.5
+    ("5%", "50", False),  # 5 and 0.05, against 50
+    ("50%", "0.5%", False),  # 0.5 against 0.005 (50 / 100 = 0.5 once matched one way round)
+]
+
+
+@pytest.mark.parametrize("a, b, equivalent", PERCENTS)
+def test_percentages_grade_the_same_both_ways(a, b, equivalent):
+    assert is_equivalent(a, b) is equivalent
+    assert is_equivalent(b, a) is equivalent
 
 
 @pytest.mark.parametrize("pred, truth", EQUIVALENT)
