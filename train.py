@@ -216,9 +216,9 @@ def make_group(t: Trainer, example: dict, prompt: dict, generations, scores, rng
     ]
     sc_ids = tok.encode(SC, add_special_tokens=False)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    samples = splice_group(rollouts, cfg.n_train, sc_ids, eos, mode=cfg.augment, rng=rng,
-                           max_len=cfg.max_response_len,
-                           tokenizer=tok if cfg.canonical_splices else None)  # fmt: skip
+    samples = splice_group(rollouts, cfg.n_train, sc_ids, eos, tokenizer=tok, rng=rng,
+                           concat_ids=not cfg.canonical_splices, mode=cfg.augment,
+                           max_len=cfg.max_response_len)  # fmt: skip
     too_long = count_overlong(rollouts, sc_ids, cfg.max_response_len, mode=cfg.augment)
     advantages = group_advantages(torch.tensor([s.reward for s in samples]))  # (N,)
     items = []
@@ -394,7 +394,7 @@ def step_metrics(t: Trainer, groups: list[Group], stats: list[dict], clock: Cloc
             m.add("reward", r.reward)
             m.add("acc_o1", float(r.o1_correct))
             m.add("acc_final", float(r.final_correct))
-            corrected = r.sc_at is not None
+            corrected = r.o1_sc_len is not None
             # well-formed as the reward sees it: o1, and o2 when the model corrected itself
             # (stopping after o1 is a choice the format allows, not a broken format)
             m.add("format", min(r.o1_format, r.o2_format) if corrected else r.o1_format)

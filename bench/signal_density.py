@@ -64,7 +64,7 @@ def main() -> None:
     def row(name, samples, per_group):
         c = transition_counts(samples)
         shares = [
-            sum(s.o2_correct if s.sc_at is not None else s.o1_correct for s in g) / len(g)
+            sum(s.o2_correct if s.o1_sc_len is not None else s.o1_correct for s in g) / len(g)
             for g in per_group
         ]
         in_mixed = [x for x, m in zip(shares, mixed, strict=True) if m]
@@ -76,7 +76,8 @@ def main() -> None:
 
     class _Final:  # originals as samples: positive = final answer correct
         def __init__(self, r):
-            self.sc_at, self.o1_correct, self.o2_correct = r.sc_at, r.o1_correct, r.o2_correct
+            self.o1_sc_len, self.o1_correct = r.o1_sc_len, r.o1_correct
+            self.o2_correct = r.o2_correct
 
     row("generated", [_Final(r) for r in generated], [[_Final(r) for r in g] for g in rollouts])
     for mode in ("none", "random", "released", "paper"):

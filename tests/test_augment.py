@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import augment
 from augment import (
     Rollout,
     Sample,
@@ -16,7 +17,6 @@ from augment import (
     count_overlong,
     loss_masks,
     make_rollout,
-    splice_group,
     spliced_len,
     transition_counts,
 )
@@ -27,6 +27,17 @@ SC_IDS = [900, 901, 902]
 EOS = 999
 
 
+def splice_group(
+    rollouts: list[Rollout], n_target: int, sc_ids: list[int], eos_id: int, **kw
+) -> list[Sample]:
+    """augment.splice_group with the parts' ids concatenated (`concat_ids=True`, the released
+    code's splice, no tokenizer): the `fake` rollouts below are made-up ids with no text to
+    encode, and `check_spliced` reads every splice back exactly."""
+    return augment.splice_group(
+        rollouts, n_target, sc_ids, eos_id, tokenizer=None, concat_ids=True, **kw
+    )
+
+
 def fake(i: int, o1: bool | None, o2: bool | None, *, has_sc: bool | None = None) -> Rollout:
     """Rollout i: o1 / o2 correctness (None: the part has no box); ids are distinct per rollout."""
     has_sc = (o2 is not None) if has_sc is None else has_sc
@@ -34,8 +45,8 @@ def fake(i: int, o1: bool | None, o2: bool | None, *, has_sc: bool | None = None
     b = [10 * i + 5, 10 * i + 6, 10 * i + 7] if o2 is not None else None
     ids = (a or [10 * i]) + (SC_IDS + (b or [10 * i + 9]) if has_sc else []) + [EOS]
     final = bool(o2) if has_sc else bool(o1)
-    sc_at = len(a or [0]) + len(SC_IDS) if has_sc else None
-    return Rollout(ids, a, b, bool(o1), bool(o2), final, sc_at, len(a or [0]), 0.0, 1.0, 1.0)
+    o1_sc_len = len(a or [0]) + len(SC_IDS) if has_sc else None
+    return Rollout(ids, a, b, bool(o1), bool(o2), final, o1_sc_len, len(a or [0]), 0.0, 1.0, 1.0)
 
 
 def group_kinds(group: list[Sample]) -> Counter:
@@ -43,11 +54,11 @@ def group_kinds(group: list[Sample]) -> Counter:
 
 
 def check_spliced(group: list[Sample], rollouts: list[Rollout], *, allow_same: bool = False):
-    """Sample by sample: originals first and unchanged; spliced ids, kind, sc_at exact."""
+    """Sample by sample: originals first and unchanged; spliced ids, kind, o1_sc_len exact."""
     n = len(rollouts)
     for i, s in enumerate(group[:n]):
         assert s.kind == "original" and s.ids == rollouts[i].ids and s.source == (i, i)
-        assert s.sc_at == rollouts[i].sc_at
+        assert s.o1_sc_len == rollouts[i].o1_sc_len
     pairs = [s.source for s in group[n:] if s.kind != "original"]
     assert len(pairs) == len(set(pairs)), "a pair was used twice"
     for s in group[n:]:
@@ -57,7 +68,7 @@ def check_spliced(group: list[Sample], rollouts: list[Rollout], *, allow_same: b
         assert allow_same or i != j
         a, b = rollouts[i], rollouts[j]
         assert s.ids == a.o1 + SC_IDS + b.o2 + [EOS]
-        assert s.sc_at == len(a.o1) + len(SC_IDS) and s.o1_len == len(a.o1)
+        assert s.o1_sc_len == len(a.o1) + len(SC_IDS) and s.o1_len == len(a.o1)
         assert (s.o1_correct, s.o2_correct) == (a.o1_correct, b.o2_correct)
         assert s.kind == ("c" if a.o1_correct else "w") + ("c" if b.o2_correct else "w")
 
@@ -106,7 +117,9 @@ def test_paper_mode_hand_worked(n, table, seed):
             got["pos"] = got.pop("wc", 0) + got.pop("cc", 0)
         assert got == expected, (k, kinds)
         if 0 < k < n:  # balanced: half the group is positive
-            positives = sum(s.o2_correct if s.sc_at is not None else s.o1_correct for s in group)
+            positives = sum(
+                s.o2_correct if s.o1_sc_len is not None else s.o1_correct for s in group
+            )
             assert positives == n
 
 
@@ -132,8 +145,8 @@ def test_short_pools_paper_and_released():
 
 def test_empty_pool_released_repeats_originals():
     rollouts = [fake(i, i % 2 == 0, None) for i in range(4)]
-    assert len(splice_group(rollouts, 8, SC_IDS, EOS, mode="paper")) == 4
-    released = splice_group(rollouts, 8, SC_IDS, EOS, mode="released")
+    assert len(splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), mode="paper")) == 4
+    released = splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), mode="released")
     assert [s.source for s in released] == [(i, i) for i in range(4)] * 2
     assert all(s.kind == "original" for s in released)
 
@@ -141,9 +154,11 @@ def test_empty_pool_released_repeats_originals():
 def test_pad_flag_changes_the_group_size():
     # no rollout has an o2: the pool is empty, so only padding can fill the group
     rollouts = [fake(i, i % 2 == 0, None) for i in range(4)]
-    padded = splice_group(rollouts, 8, SC_IDS, EOS, mode="paper", pad=True)
+    padded = splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), mode="paper", pad=True)
     assert [s.source for s in padded] == [(i, i) for i in range(4)] * 2
-    assert len(splice_group(rollouts, 8, SC_IDS, EOS, mode="released", pad=False)) == 4
+    kw = dict(rng=random.Random(0), mode="released", pad=False)
+    unpadded = splice_group(rollouts, 8, SC_IDS, EOS, **kw)
+    assert len(unpadded) == 4
     # short pool: 3 candidates for 4 places; padding repeats original 3 (index (7 - 4) % 4)
     short = [fake(0, False, True), fake(1, True, None), fake(2, False, None), fake(3, False, None)]
     group = splice_group(short, 8, SC_IDS, EOS, mode="paper", rng=random.Random(0), pad=True)
@@ -159,12 +174,12 @@ def test_released_mode_quota_order():
 
 def test_none_and_random_modes():
     rollouts = pattern(4, 2)
-    assert len(splice_group(rollouts, 8, SC_IDS, EOS, mode="none")) == 4
+    assert len(splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), mode="none")) == 4
     group = splice_group(rollouts, 8, SC_IDS, EOS, mode="random", rng=random.Random(0))
     check_spliced(group, rollouts)
     assert len(group) == 8
     with pytest.raises(ValueError, match="augment mode"):
-        splice_group(rollouts, 8, SC_IDS, EOS, mode="bogus")
+        splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), mode="bogus")
 
 
 def test_spliced_reward_is_eq6_with_guards():
@@ -223,14 +238,14 @@ def test_max_len_boundary_and_empty_pool():
     rollouts = long_pattern()
     # 15 is the limit: (1, j) of length 15 stays; (i, 0) of 16 and (1, 0) of 22 go
     assert count_overlong(rollouts, SC_IDS, 15) == 3
-    group = splice_group(rollouts, 16, SC_IDS, EOS, mode="random", max_len=15)
+    group = splice_group(rollouts, 16, SC_IDS, EOS, rng=random.Random(0), mode="random", max_len=15)
     assert {s.source for s in group[4:]} == {
         (0, 1), (2, 1), (3, 1), (1, 2), (1, 3), (3, 2), (0, 2), (0, 3), (2, 3)
     }  # fmt: skip
     # 8 is below every spliced length: nothing enters, the paper group keeps its originals
     assert count_overlong(rollouts, SC_IDS, 8) == 12
-    assert len(splice_group(rollouts, 8, SC_IDS, EOS, max_len=8)) == 4
-    padded = splice_group(rollouts, 8, SC_IDS, EOS, max_len=8, pad=True)
+    assert len(splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), max_len=8)) == 4
+    padded = splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), max_len=8, pad=True)
     assert [s.source for s in padded] == [(i, i) for i in range(4)] * 2
     assert count_overlong(rollouts, SC_IDS, 8, mode="none") == 0
 
@@ -294,7 +309,7 @@ def test_max_len_invariants(g, mode):
 
 
 def test_loss_masks_stage1_and_stage2():
-    s = Sample(ids=[1, 2, 3, 900, 901, 7, 8, EOS], kind="wc", sc_at=5, o1_correct=False,
+    s = Sample(ids=[1, 2, 3, 900, 901, 7, 8, EOS], kind="wc", o1_sc_len=5, o1_correct=False,
                o2_correct=True, source=(0, 1), o1_len=3)  # fmt: skip
     assert loss_masks(s, "1") == ([0, 0, 0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0, 0])
     assert loss_masks(s, "2") == ([0, 0, 0, 0, 0, 1, 1, 1], [0] * 8)
@@ -359,12 +374,12 @@ def test_invariants_every_mode(g, mode):
         for stage in ("1", "2"):
             policy, kl = loss_masks(s, stage)
             assert len(policy) == len(kl) == len(s.ids)
-            if s.sc_at is None:
+            if s.o1_sc_len is None:
                 assert policy == [1] * len(s.ids) and kl == [0] * len(s.ids)
                 continue
-            assert s.o1_len <= s.sc_at
+            assert s.o1_len <= s.o1_sc_len
             if stage == "1":
-                assert policy == [0] * s.sc_at + [1] * (len(s.ids) - s.sc_at)
+                assert policy == [0] * s.o1_sc_len + [1] * (len(s.ids) - s.o1_sc_len)
                 assert kl == [1] * s.o1_len + [0] * (len(s.ids) - s.o1_len)
                 assert not any(
                     p and q for p, q in zip(policy, kl, strict=True)
@@ -386,7 +401,7 @@ def test_make_rollout_with_real_tokenizer(tokenizer):
     ids = tokenizer.encode(text, add_special_tokens=False) + [eos]
     r = make_rollout(ids, tokenizer, "4")
     assert (r.o1_correct, r.o2_correct, r.final_correct) == (False, True, True)
-    assert tokenizer.decode(ids[r.sc_at :]).startswith(O2)
+    assert tokenizer.decode(ids[r.o1_sc_len :]).startswith(O2)
     # ".\n" is one token straddling o1 and SC: it is left out of the KL's o1 tokens
     assert tokenizer.decode(ids[: r.o1_len]) == O1 + " is my answer"
     assert tokenizer.convert_ids_to_tokens(ids[r.o1_len]).startswith(".Ċ")
@@ -395,15 +410,15 @@ def test_make_rollout_with_real_tokenizer(tokenizer):
 
 def test_boundary_token_straddles_brace_and_newlines(tokenizer):
     """'}\\n\\n' is one token in Qwen's tokenizers (and the tiny one): it holds the end of o1
-    and the start of SC. It counts as o1 + SC for sc_at, and is left out of o1_len."""
+    and the start of SC. It counts as o1 + SC for o1_sc_len, and is left out of o1_len."""
     text = O1 + SC + O2
     ids = tokenizer.encode(text, add_special_tokens=False)
     tokens = tokenizer.convert_ids_to_tokens(ids)
     straddle = tokens.index("}ĊĊ")
     r = make_rollout(ids, tokenizer, "3")
     assert r.o1_len == straddle  # everything before the '}\n\n' token
-    assert tokenizer.decode(ids[: r.sc_at]).endswith("</self-correction>\n\n")
-    assert tokenizer.decode(ids[r.sc_at :]) == O2
+    assert tokenizer.decode(ids[: r.o1_sc_len]).endswith("</self-correction>\n\n")
+    assert tokenizer.decode(ids[r.o1_sc_len :]) == O2
     assert (r.o1_correct, r.o2_correct) == (True, False)
 
 
@@ -419,7 +434,7 @@ def test_spliced_decode_is_exact(tokenizer):
     assert tokenizer.decode(by_source[(0, 1)].ids) == O1 + SC + O1 + "<|im_end|>"
     assert tokenizer.decode(by_source[(1, 0)].ids) == O2 + SC + O2 + "<|im_end|>"
     for s in group[2:]:
-        assert tokenizer.decode(s.ids[: s.sc_at]).endswith(SC)
+        assert tokenizer.decode(s.ids[: s.o1_sc_len]).endswith(SC)
         assert tokenizer.decode(s.ids[: s.o1_len]) in (O1, O2)
     # truth 4: (0,1) = o1 "3" + o2 "3" is w->w; (1,0) = o1 "4" + o2 "4" is c->c
     assert by_source[(0, 1)].kind == "ww" and by_source[(1, 0)].kind == "cc"
@@ -436,7 +451,9 @@ def test_canonical_splices_are_the_tokens_sampling_would_give(tokenizer):
     rollouts = [make_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
                 for t in texts]  # fmt: skip
     parts = splice_group(rollouts, 4, sc_ids, eos, rng=random.Random(0))
-    whole = splice_group(rollouts, 4, sc_ids, eos, rng=random.Random(0), tokenizer=tokenizer)
+    whole = augment.splice_group(
+        rollouts, 4, sc_ids, eos, tokenizer=tokenizer, rng=random.Random(0)
+    )
     assert {s.source for s in whole[2:]} == {(0, 1), (1, 0)}
     for a, b in zip(parts[2:], whole[2:], strict=True):
         assert tokenizer.decode(a.ids) == tokenizer.decode(b.ids)  # the same text
@@ -445,7 +462,7 @@ def test_canonical_splices_are_the_tokens_sampling_would_give(tokenizer):
         again = make_rollout(
             tokenizer.encode(text, add_special_tokens=False) + [eos], tokenizer, "4"
         )
-        assert b.ids == again.ids and (b.sc_at, b.o1_len) == (again.sc_at, again.o1_len)
+        assert b.ids == again.ids and (b.o1_sc_len, b.o1_len) == (again.o1_sc_len, again.o1_len)
         assert (b.kind, b.reward, b.source) == (a.kind, a.reward, a.source)
 
 
@@ -454,7 +471,7 @@ def test_an_o2_that_corrects_itself_again_is_graded_but_not_spliced(tokenizer):
     text = O1 + SC + O2 + SC + O1  # three rounds: o2 is really o2 + SC + o3
     r = make_rollout(tokenizer.encode(text, add_special_tokens=False) + [eos], tokenizer, "3")
     assert r.o1 is not None and r.o2 is None  # its o2 never enters a pool
-    assert r.sc_at is not None and r.final_correct  # graded as sampled: the last box is o3's
+    assert r.o1_sc_len is not None and r.final_correct  # graded as sampled: the last box is o3's
     two = make_rollout(
         tokenizer.encode(O1 + SC + O2, add_special_tokens=False) + [eos], tokenizer, "3"
     )
@@ -467,10 +484,10 @@ def test_no_correction_and_missing_boxes(tokenizer):
         "<think>no box</think> nothing" + SC + "also nothing", add_special_tokens=False
     )
     r = make_rollout(ids, tokenizer, "1")
-    assert r.o1 is None and r.o2 is None and r.sc_at is not None and not r.final_correct
+    assert r.o1 is None and r.o2 is None and r.o1_sc_len is not None and not r.final_correct
     ids = tokenizer.encode(O1, add_special_tokens=False)
     r = make_rollout(ids, tokenizer, "3")
-    assert r.sc_at is None and r.o2 is None and r.final_correct and r.o1_len == len(ids)
+    assert r.o1_sc_len is None and r.o2 is None and r.final_correct and r.o1_len == len(ids)
 
 
 M = 1_000_000
@@ -504,20 +521,18 @@ def test_degenerate_million_char_responses_make_rollout_in_linear_time(tokenizer
     graded = score_batch([tokenizer.decode(ids, skip_special_tokens=True)], ["1"])[0]
     r = make_rollout(ids, tokenizer, "1", graded=graded)
     assert time.monotonic() - t < 20.0  # linear: ~1 s; a quadratic step: hours
-    assert (r.o1 is not None, r.o2 is not None, r.sc_at is not None) == (has_o1, has_o2, has_sc)
+    assert (r.o1 is not None, r.o2 is not None, r.o1_sc_len is not None) == (has_o1, has_o2, has_sc)
     assert (r.o1_correct, r.o2_correct) == (o1_ok, o2_ok)
     assert r.reward == graded.reward and r.ids == ids
     if has_sc:
-        assert tokenizer.decode(ids[: r.sc_at]).endswith("</self-correction>\n\n")
+        assert tokenizer.decode(ids[: r.o1_sc_len]).endswith("</self-correction>\n\n")
     if name == "runs in o1 and o2":  # the cut parts are the exact texts, encoded
         assert tokenizer.decode(r.o1) == O1_NL and tokenizer.decode(r.o2) == O2_SP
 
 
 def test_invalid_utf8_million_tokens_fall_back_exactly(tokenizer):
     """Sampled bytes that are not UTF-8 (a lone 0x80 per token, decoded as U+FFFD): per-token
-    byte offsets are not exact, so sc_at comes from O(log n) prefix decodes, still exact."""
-    import augment
-
+    byte offsets are not exact, so o1_sc_len comes from O(log n) prefix decodes, still exact."""
     lone = tokenizer.convert_tokens_to_ids("Ģ")  # byte-level BPE's spelling of byte 0x80
     sc_ids = tokenizer.encode(SC, add_special_tokens=False)
     half = M // 2
@@ -530,15 +545,13 @@ def test_invalid_utf8_million_tokens_fall_back_exactly(tokenizer):
     t = time.monotonic()
     r = make_rollout(ids, tokenizer, "1")
     assert time.monotonic() - t < 20.0  # ~2 * 20 prefix decodes of 1M tokens: ~4 s
-    assert (r.sc_at, r.o1_len, r.o1, r.o2) == (half + len(sc_ids), half, None, None)
+    assert (r.o1_sc_len, r.o1_len, r.o1, r.o2) == (half + len(sc_ids), half, None, None)
 
 
 def test_byte_offsets_agree_with_prefix_decodes(tokenizer):
     """The fast path (byte lengths per token) against prefix decodes, at every character
     boundary, on non-ASCII text too: the first k tokens reaching `c` characters decode to
     text that starts with text[:c], and k - 1 tokens do not."""
-    import augment
-
     text = O1 + " ünïcødé 数 ✓" + SC + O2 + " 😀"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == text
@@ -557,3 +570,42 @@ def test_byte_offsets_agree_with_prefix_decodes(tokenizer):
         if text[char - 1 : char + 1].isascii():  # where prefix decodes are exact, both agree
             assert k == augment._first_token_reaching(tokenizer, ids, text, char, None)
             assert m == augment._last_token_within(tokenizer, ids, text, char, None)
+
+
+def test_splice_group_needs_a_tokenizer_or_an_explicit_id_splice():
+    rollouts = pattern(4, 2)
+    with pytest.raises(ValueError, match="concat_ids=True"):
+        augment.splice_group(rollouts, 8, SC_IDS, EOS, tokenizer=None, rng=random.Random(0))
+    with pytest.raises(TypeError, match="rng"):  # no hidden Random(0): the caller seeds it
+        augment.splice_group(rollouts, 8, SC_IDS, EOS, tokenizer=None, concat_ids=True)
+
+
+class _ByteTokenizer:
+    """The three calls `_token_bytes` makes, over a byte-level vocabulary."""
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {}
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [self.vocab[i] for i in ids]
+
+
+def test_token_bytes_cache_is_keyed_by_the_tokenizer_object():
+    """The table is cached per tokenizer object and leaves with it: a tokenizer created later
+    at the same address (the same `id`, which CPython reuses) builds its own."""
+    import gc
+
+    first = _ByteTokenizer(["a", "Ġ"])  # "Ġ" spells the byte 0x20 (a space)
+    assert augment._token_bytes(first) == [b"a", b" "]
+    assert augment._token_bytes(first) is augment._token_bytes(first)  # built once
+    held = len(augment._TOKEN_BYTES)
+    del first
+    gc.collect()
+    assert len(augment._TOKEN_BYTES) == held - 1
+    assert augment._token_bytes(_ByteTokenizer(["b", "c"])) == [b"b", b"c"]
