@@ -1,9 +1,11 @@
 """The masked policy objective of Octopus (arXiv 2602.08503, Sec. 4.3, Eq. 1, 2, 5) as pure
 tensor functions.
 
-GRPO / DAPO (token ratio, Eq. 1), GSPO (sequence ratio, Eq. 2; over o2 only with the Stage I
-mask, Eq. 5) and the released runs' GSPO-token form; per-token clipping with a dual clip for
-negative advantages; the k3 KL on o1 of Stage I; SFT's NLL. No model, no process group: torch.
+GRPO / DAPO (token ratio, Eq. 1), GSPO (sequence ratio, Eq. 2) and the released runs'
+GSPO-token form in `policy_loss`, with per-token clipping and a dual clip for negative
+advantages; Stage I's objective (Eq. 5: the policy loss over o2 only plus the k3 KL to the
+reference on o1) in `policy_loss_with_kl`; SFT's NLL in `sft_loss`. No model, no process
+group: torch.
 
 Shapes: B sequences, T response positions (left-aligned, padded), V vocabulary.
 `logp[b, t]` is the log-prob of response token t of sequence b; `mask[b, t]` is 1 where the
@@ -11,10 +13,11 @@ token is trained (padding and masked tokens 0; masked tokens stay in the context
 
 Split invariance: every loss is a SUM of per-sequence (agg="seq") or per-token (agg="token")
 terms divided by a `normalizer` (the count of sequences with trained tokens, or of trained
-tokens). Pass the count of the whole mini-batch, summed over micro-batches and ranks
-(`count_for`), and the gradients of the micro-batch losses add up to the mini-batch gradient
-whatever the split. (The released code rescales each micro-batch by its own token count, which
-makes the KL weight depend on how many o2 tokens share a micro-batch.)
+tokens). Pass the count of the whole mini-batch (one optimizer step), summed over its
+micro-batches and ranks (`count_for`), and the gradients of the micro-batch losses add up to
+the mini-batch's gradient whatever the split (packing.py defines the three batch words). (The
+released code rescales each micro-batch by its own token count, which makes the KL weight
+depend on how many o2 tokens share a micro-batch.)
 """
 
 from __future__ import annotations
@@ -185,12 +188,12 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def kl_loss(
     logp: torch.Tensor, ref_logp: torch.Tensor, kl_mask: torch.Tensor, *, agg: str, normalizer=None
 ) -> torch.Tensor:
-    """Stage I's KL term: k3 towards the reference, averaged over the KL mask (the o1 tokens)
-    with the same aggregation as the policy loss. Multiply by `Config.kl_coef` (0.01)."""
+    """The KL term of Eq. 5: k3 towards the reference, averaged over the KL mask (Stage I: the
+    o1 tokens) with the same aggregation as the policy loss. Multiply by `Config.kl_coef`."""
     return masked_mean(kl_k3(logp, ref_logp), kl_mask, agg, normalizer)
 
 
-def stage1_loss(
+def policy_loss_with_kl(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     ref_logp: torch.Tensor,
@@ -203,7 +206,15 @@ def stage1_loss(
     kl_normalizer=None,
     **policy_kwargs,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The Stage I objective (Sec. 4.3): policy loss on o2 + kl_coef x KL on o1."""
+    """`policy_loss` on `policy_mask` plus `kl_coef` x the k3 KL to the reference on `kl_mask`.
+
+    With Stage I's masks (`augment.loss_masks(sample, "1")`) this is Eq. 5, Stage I's objective
+    (Sec. 4.3): the clipped surrogate over o2 alone (GSPO's sequence ratio taken over o2's
+    tokens), plus 0.01 x KL on o1's tokens, which holds the first attempt near the reference
+    while o2 learns to correct it. With a KL mask over the whole response it is a baseline's
+    objective with a reference (`Config.kl_tokens="response"`, preset grpo-n16-released).
+    Returns the loss and `policy_loss`'s metrics plus `kl_o1`, the KL's mean over `kl_mask`.
+    """
     loss, metrics = policy_loss(
         logp, old_logp, advantages, policy_mask, normalizer=policy_normalizer, **policy_kwargs
     )

@@ -1,25 +1,34 @@
-"""The training forward: each prompt once per group, its responses packed after it in one row.
+"""The training forward: each prompt once per micro-batch, its responses packed after it.
+
+Batching has three words, used throughout (train.py, fsdp.py, loss.py):
+
+- mini-batch: the groups of one optimizer step (`Config.mini_batch_prompts` prompts, each with
+  its N samples); the loss normalizers count the whole mini-batch on all ranks (loss.py).
+- micro-batch: what one forward (and backward) runs: at most a token budget
+  (`Config.update_token_budget`, `Config.logprob_token_budget`) packed into ONE row, no padding:
+
+      [prompt A][a1][a2][a3][prompt B][b1][b2] ...
+
+- segment: one prompt and the responses that follow it in that row; a whole group, or a share
+  of one that does not fit the budget (each share repeats the prompt).
 
 The N trained samples of a group share one prompt (chat template, image tokens, question) and
 differ only in the response. A padded batch of `prompt + response` rows runs the prompt N times
 through every layer, the vision tower included; in the paper's setting (prompts up to 2048
 tokens, 16 samples per prompt, arXiv 2602.08503 experimental setup) that is most of the
-update's tokens. Here a micro-batch is ONE row without padding:
-
-    [prompt A][a1][a2][a3][prompt B][b1][b2] ...
-
-and a custom attention lets every response token see its own prompt and the earlier tokens of
-its own response, nothing else. Each prompt's keys and values are computed once and serve all of
-its responses; the gradient reaches the prompt (and the vision tower) from every response. The
-result is exactly the per-sample computation (tests/test_packing.py compares log-probs and
-gradients with plain per-sample forwards), at the cost of one prompt per group instead of N.
+update's tokens. In the packed row a custom attention lets every response token see its own
+prompt and the earlier tokens of its own response, nothing else. Each prompt's keys and values
+are computed once and serve all of its responses; the gradient reaches the prompt (and the
+vision tower) from every response. The result is exactly the per-sample computation
+(tests/test_packing.py compares log-probs and gradients with plain per-sample forwards), at the
+cost of one prompt per segment instead of one per sample.
 
 Positions follow Qwen3-VL's multimodal rotary scheme: the prompt's (3, P) positions come from the
-model's own `get_rope_index` (images included), and every response of the group continues from
-the same next position, as if it were the only one.
+model's own `get_rope_index` (images included), and every response of the segment continues
+from the same next position, as if it were the only one.
 
-With `shared=False` each response gets its own copy of the prompt (the per-sample computation,
-in the same packed layout): `--shared_prompt false` in train.py.
+`--shared_prompt false` in train.py makes every segment one prompt and one response (the
+per-sample computation, in the same packed layout).
 """
 
 from __future__ import annotations
@@ -39,34 +48,26 @@ ATTENTION = "octopus_packed"
 
 @dataclass
 class Packed:
-    """One packed row: model inputs plus where each response sits in it."""
+    """One micro-batch packed into one row: model inputs plus where each response sits in it."""
 
     inputs: dict  # input_ids (1, L), mm_token_type_ids (1, L), position_ids (3, 1, L), pixels
-    layout: list[tuple[int, int, list[tuple[int, int]]]]  # (prompt start, end, response spans)
+    layout: list[tuple[int, int, list[tuple[int, int]]]]  # per segment: prompt start, end, spans
     predictors: torch.Tensor  # (T,) row positions whose hidden state predicts each label
     labels: torch.Tensor  # (T,) every response token, in order
     lengths: list[int]  # tokens of each response, in order
 
 
-def pack(
-    chunks: list[tuple[dict, list[list[int]]]],
-    rope_index: Callable,
-    *,
-    shared: bool = True,
-) -> Packed:
-    """Pack `(prompt, responses)` chunks into one row.
+def pack(segments: list[tuple[dict, list[list[int]]]], rope_index: Callable) -> Packed:
+    """Pack one micro-batch's `(prompt, responses)` segments into one row.
 
     `prompt` is the processor's output for one rendered prompt (`input_ids` (1, P),
     `mm_token_type_ids` (1, P), and `pixel_values` / `image_grid_thw` when it has images);
-    `responses` are token-id lists. `rope_index` is the model's `get_rope_index`. With
-    `shared=False` every response is packed after its own copy of the prompt.
+    `responses` are token-id lists. `rope_index` is the model's `get_rope_index`.
     """
-    if not shared:
-        chunks = [(prompt, [r]) for prompt, responses in chunks for r in responses]
     ids, types, positions, pixels, grids = [], [], [], [], []
     layout, predictors, labels, lengths = [], [], [], []
     at = 0
-    for prompt, responses in chunks:
+    for prompt, responses in segments:
         p_ids, p_types = prompt["input_ids"], prompt["mm_token_type_ids"]
         grid = prompt.get("image_grid_thw")
         p_pos, _ = rope_index(p_ids, p_types, grid)  # (3, 1, P)
@@ -113,23 +114,24 @@ def pack(
 def chunk_groups(
     prompt_lens: list[int], response_lens: list[list[int]], budget: int, *, shared: bool = True
 ) -> list[tuple[int, list[int]]]:
-    """Split groups into `(group, response indices)` chunks of at most `budget` tokens, a chunk
-    costing its prompt once plus its responses. A group that does not fit is split, each part
-    paying for the prompt again; a prompt plus a single response over the budget still forms a
-    chunk (never dropped). `shared=False`: one chunk per response (the per-sample computation).
+    """Groups (given by their prompt and response lengths) cut into segments of at most
+    `budget` tokens, as `(group, response indices)`; a segment costs its prompt once plus its
+    responses. A group that does not fit is split, each share paying for the prompt again; a
+    prompt plus a single response over the budget still forms a segment (never dropped).
+    `shared=False`: one segment per response (the per-sample computation).
     """
-    chunks = []
+    segments = []
     for g, (prompt, lengths) in enumerate(zip(prompt_lens, response_lens, strict=True)):
         current, cost = [], prompt
         for k, n in enumerate(lengths):
             if current and (not shared or cost + n > budget):
-                chunks.append((g, current))
+                segments.append((g, current))
                 current, cost = [], prompt
             current.append(k)
             cost += n
         if current:
-            chunks.append((g, current))
-    return chunks
+            segments.append((g, current))
+    return segments
 
 
 def packed_attention(
@@ -184,12 +186,12 @@ def packed_attention(
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None  # (1, L, H, D)
 
 
-AttentionInterface.register(ATTENTION, packed_attention)
-
-
 def use_packed_attention(model) -> None:
-    """Switch the language model's attention to `packed_attention` (the vision tower keeps its
-    own). A custom name has no mask function in transformers, so no L x L mask is built either."""
+    """Register `packed_attention` with transformers under `ATTENTION` and switch the language
+    model's attention to it (the vision tower keeps its own). A custom name has no mask function
+    in transformers, so no L x L mask is built either. The layout reaches the attention as the
+    `packed_layout` keyword of the model's forward, which transformers hands on to it."""
+    AttentionInterface.register(ATTENTION, packed_attention)
     model.config.get_text_config()._attn_implementation = ATTENTION
 
 
@@ -198,7 +200,7 @@ def response_logprobs(
 ) -> list[torch.Tensor]:
     """log p of every response token, one (n,) tensor per response in packing order.
 
-    One forward over the packed row; only the positions that predict response tokens go through
+    One forward over the micro-batch's packed row; only the positions that predict response tokens go through
     the LM head (`logits_to_keep` as an index tensor), so the prompt costs no logits at all.
     """
     inputs = {k: v.to(device) for k, v in packed.inputs.items()}

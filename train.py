@@ -71,7 +71,7 @@ from fsdp import (  # noqa: E402
     save_checkpoint,
     setup_distributed,
 )
-from loss import count_for, group_advantages, policy_loss, sft_loss, stage1_loss  # noqa: E402
+from loss import count_for, group_advantages, policy_loss, policy_loss_with_kl, sft_loss  # noqa: E402
 from octopus import (  # noqa: E402
     BASELINE_SUFFIX,
     OCTOPUS_SUFFIX,
@@ -289,10 +289,11 @@ def accumulate_gradients(t: Trainer, groups: list[Group], *, on_policy: bool = F
         policy_mask = pad([it.policy_mask for it in batch], t)  # (B, R)
         advantages = torch.tensor([it.advantage for it in batch], device=t.device)  # (B,)
         if t.ref_model is not None:
-            loss, m = stage1_loss(logp, old, pad([it.ref_logp for it in batch], t), advantages,
-                                  policy_mask, pad([it.kl_mask for it in batch], t),
-                                  kl_coef=cfg.kl_coef, policy_normalizer=policy_count,
-                                  kl_normalizer=kl_count, **kw)  # fmt: skip
+            loss, m = policy_loss_with_kl(logp, old, pad([it.ref_logp for it in batch], t),
+                                          advantages, policy_mask,
+                                          pad([it.kl_mask for it in batch], t),
+                                          kl_coef=cfg.kl_coef, policy_normalizer=policy_count,
+                                          kl_normalizer=kl_count, **kw)  # fmt: skip
         else:
             loss, m = policy_loss(logp, old, advantages, policy_mask, normalizer=policy_count, **kw)
         (loss * weight).backward()

@@ -11,8 +11,8 @@ from loss import (
     kl_k3,
     kl_loss,
     policy_loss,
+    policy_loss_with_kl,
     sft_loss,
-    stage1_loss,
     token_logprobs,
 )
 
@@ -166,7 +166,7 @@ def test_stage1_objective_is_policy_plus_kl_on_o1():
     ref = old + 0.1
     kl_mask = 1 - mask
     kw = dict(ratio="sequence_token", clip_low=3e-4, clip_high=4e-4, agg="seq")
-    total, m = stage1_loss(logp, old, ref, adv, mask, kl_mask, kl_coef=0.01, **kw)
+    total, m = policy_loss_with_kl(logp, old, ref, adv, mask, kl_mask, kl_coef=0.01, **kw)
     pol, _ = policy_loss(logp, old, adv, mask, **kw)
     kl = kl_loss(logp, ref, kl_mask, agg="seq")
     assert total.item() == pytest.approx(pol.item() + 0.01 * kl.item())
@@ -253,8 +253,9 @@ def _grad_by_splits(splits, ratio, agg, seed=11, stage1=False):
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         sl = slice(lo, hi)
         if stage1:
-            loss, _ = stage1_loss(x[sl], old[sl], ref[sl], adv[sl], mask[sl], kl_mask[sl],
-                                  policy_normalizer=pol_norm, kl_normalizer=kl_norm, **kw)  # fmt: skip
+            loss, _ = policy_loss_with_kl(x[sl], old[sl], ref[sl], adv[sl], mask[sl],
+                                          kl_mask[sl], policy_normalizer=pol_norm,
+                                          kl_normalizer=kl_norm, **kw)  # fmt: skip
         else:
             loss, _ = policy_loss(x[sl], old[sl], adv[sl], mask[sl], normalizer=pol_norm, **kw)
         loss.backward()

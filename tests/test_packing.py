@@ -8,7 +8,7 @@ from transformers import AttentionInterface
 import packing
 from augment import Sample, loss_masks
 from data import synthetic_task
-from loss import policy_loss, stage1_loss
+from loss import policy_loss, policy_loss_with_kl
 from packing import chunk_groups, pack, response_logprobs
 from rollout import render_prompt
 
@@ -97,8 +97,10 @@ def test_packed_logprobs_equal_per_sample(model, processor, with_images, sizes):
     groups = groups_for(processor, with_images, sizes)
     with torch.no_grad():
         ref = [reference_logprobs(model, p, r) for p, rs in groups for r in rs]
-        for shared in (True, False):
-            got = response_logprobs(model, pack(groups, model.model.get_rope_index, shared=shared),
+        # each group as one segment, and each response after its own copy of the prompt
+        per_sample = [(p, [r]) for p, rs in groups for r in rs]
+        for shared, segments in ((True, groups), (False, per_sample)):
+            got = response_logprobs(model, pack(segments, model.model.get_rope_index),
                                     torch.device("cpu"))  # fmt: skip
             assert [len(x) for x in got] == [len(x) for x in ref]
             worst = max((a - b).abs().max().item() for a, b in zip(got, ref, strict=True))
@@ -128,7 +130,9 @@ def test_packed_gradients_equal_per_sample_for_each_stage(model, processor, stag
     def loss_of(logps):
         logp = torch.nn.utils.rnn.pad_sequence(logps, batch_first=True)
         if stage == "1":
-            return stage1_loss(logp, old, ref, adv, policy_mask, kl_mask, kl_coef=0.5, **kw)[0]
+            return policy_loss_with_kl(
+                logp, old, ref, adv, policy_mask, kl_mask, kl_coef=0.5, **kw
+            )[0]
         return policy_loss(logp, old, adv, policy_mask, **kw)[0]
 
     expected = grads_of(
