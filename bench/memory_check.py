@@ -11,6 +11,7 @@ paper's budgets. Prints measured against planned; exits 1 if any term is off by 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -284,8 +285,18 @@ def _measure(what: str, arg: str) -> None:
         print(json.dumps({"logits": _check_logits, "layer": _check_layer}[what](nums)))
 
 
+def main(argv: list[str] | None = None) -> int:
+    head, epilog = __doc__.split("\n\n")[:2]
+    ap = argparse.ArgumentParser(
+        description=head, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--_measure", nargs=2, help=argparse.SUPPRESS)  # one group, run by run_check
+    args = ap.parse_args(argv)
+    if args._measure:
+        _measure(*args._measure)
+        return 0
+    return run_check()
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--_measure"]:  # one group, in the fresh process run_check starts
-        _measure(*sys.argv[2:4])
-    else:
-        sys.exit(run_check())
+    sys.exit(main())
