@@ -1,9 +1,10 @@
-"""Every command in README.md runs as written, so the README cannot drift from the code.
+"""Every command in README.md and bench/README.md runs as written, so neither can drift from the
+code.
 
 CPU commands run for real on the tiny model with small sizes: a demo checkpoint the README
 names (`runs/demo/stage-*/export`) becomes the tiny checkpoint, and each script gets the flags
-of `SMALL` appended (argparse keeps the last value). The demo itself (its stages are tested in
-test_train.py) and the test command (this suite) are checked with `--dry_run` / not at all.
+of `SMALL` appended (argparse keeps the last value). train.py's runs (their stages are tested
+in test_train.py) and the test command (this suite) are checked with `--dry_run` / not at all.
 Blocks whose first line starts with `# GPU` are parsed only: train.py's `--dry_run`, eval.py's
 and coldstart.py's argument parsers. Python blocks run and must print the text block after them.
 """
@@ -33,9 +34,11 @@ DEMO_EXPORT = re.compile(r"^runs/demo/stage-[a-z0-9]+/export$")
 
 
 def readme_blocks() -> list[tuple[str, str]]:
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        text = f.read()
-    return re.findall(r"^```(\w*)\n(.*?)^```$", text, flags=re.S | re.M)
+    blocks = []
+    for name in ("README.md", "bench/README.md"):  # the reference, then the measured results
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            blocks += re.findall(r"^```(\w*)\n(.*?)^```$", f.read(), flags=re.S | re.M)
+    return blocks
 
 
 def commands(block: str) -> list[str]:
@@ -106,8 +109,8 @@ def test_cpu_commands_run(command, tiny_path, tmp_path):
     if ".ci/cpu-env" in command or "pytest" in command:
         pytest.skip("installation / this test suite")
     launcher, script, args = script_and_args(command)
-    if script == "train.py" and "demo" in args:
-        args = [*args, "--dry_run"]  # the demo's stages run in test_train.py
+    if script == "train.py":
+        args = [*args, "--dry_run"]  # the demo's stages (and others') run in test_train.py
     else:
         args = [tiny_path if DEMO_EXPORT.match(a) else a for a in args]
         args = [
