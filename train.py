@@ -262,8 +262,8 @@ def optimizer_step(t: Trainer) -> tuple[float, bool]:
     weight and both moments for good: that step is skipped instead, on every rank together, and
     its gradients are dropped (EasyR1: verl/workers/actor/dp_actor.py, `_optimizer_step`; verl:
     the same function zeroes the gradients and skips `optimizer.step()`). The learning-rate
-    schedule still advances, as both do (their `lr_scheduler.step()` runs after the update
-    whatever it did). After `max_nonfinite_steps` skipped steps in a row the run stops: the
+    schedule still advances, as in both (verl/workers/fsdp_workers.py, `update_actor`:
+    `lr_scheduler.step()` after the update, whatever it did). After `max_nonfinite_steps` skipped steps in a row the run stops: the
     weights or the data are broken, and skipping forever would only hide it.
     """
     grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
