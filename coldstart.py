@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoProcessor
 
+    from fsdp import free_cache
     from rollout import VLLMEngine, max_images_of
 
     pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -223,8 +224,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[coldstart] {report.summary()}", file=sys.stderr)
     processor = AutoProcessor.from_pretrained(args.policy)
     suffix = O1_SUFFIXES[args.o1_prompt]
+    # No sleep mode: these engines never sleep, and vLLM's sleep-mode allocator is one pool per
+    # process (vllm/device_allocator/cumem.py, `CuMemAllocator.get_instance`) that a second
+    # engine would share with whatever the first left in it
     kw = dict(max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
-              max_images=max_images_of(examples), **pixels)  # fmt: skip
+              max_images=max_images_of(examples), sleep_mode=False, **pixels)  # fmt: skip
     policy = VLLMEngine(args.policy, **kw)
     longest = max((prompt_length(processor, {"messages": o1_messages(e, suffix)}) for e in examples),
                   default=0)  # fmt: skip
@@ -243,6 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = o1_prompts(processor, examples, suffix)
         cached = policy.generate(prompts, args.samples, o1_sampling)
         policy.close()
+        del policy
+        # the closed engine's memory back to the device before the next one measures what is
+        # free (vLLM refuses to start when less than gpu_memory_utilization x the card is)
+        free_cache()
         strong = VLLMEngine(args.strong, **kw)
         policy = _Replay(cached)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -10,6 +10,7 @@ tests exercise the code path an 8-GPU run takes.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import gc
 import glob
@@ -163,6 +164,8 @@ def load_model(
     model.model.language_model.register_forward_pre_hook(
         _vision_on_every_rank(model), with_kwargs=True
     )
+    # what the run computes in: the export is written in it (export_dtype)
+    model.compute_dtype = torch.bfloat16 if bf16 else torch.float32
     return model.train() if trainable else model.eval()
 
 
@@ -361,21 +364,54 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> int:
     return meta["step"]
 
 
+def export_dtype(model) -> torch.dtype:
+    """The dtype the export is written in: the one the run computed in (`load_model` records
+    it), so bf16 for a GPU run, whose float32 master weights would double the checkpoint (35 GB
+    for the 8B model) for precision no bf16 forward used; float32 on CPU. verl writes its HF
+    checkpoints in bf16 too (verl/utils/checkpoint/fsdp_checkpoint_manager.py and
+    verl/model_merger/base_model_merger.py: `from_config(..., torch_dtype=torch.bfloat16)`,
+    then `save_pretrained(state_dict=...)`)."""
+    return getattr(model, "compute_dtype", torch.float32)
+
+
 def export_hf(model, processor, path: str) -> None:
-    """Full model + processor in the Hugging Face layout (`save_pretrained`), from rank 0."""
+    """Full model + processor in the Hugging Face layout (`save_pretrained`), from rank 0, in
+    `export_dtype(model)` and with `use_cache=True` in config.json: training switches the KV
+    cache off (`load_model`), but a user's `generate` on the export needs it on (HF's default,
+    and what the released checkpoints have)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
     if dist.get_rank() == 0:
+        dtype = export_dtype(model)
+        full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
+        # `save_pretrained` writes the dtype of the model's (float32 master) parameters into
+        # the config it saves and that config is the one training reads: save, then write the
+        # export's own config over it
+        config = copy.deepcopy(model.config)
         model.save_pretrained(path, state_dict=full)
+        model.config.dtype = config.dtype
+        config.use_cache = True
+        for sub in [config, *(getattr(config, k) for k in getattr(config, "sub_configs", {}))]:
+            sub.dtype = dtype
+        config.save_pretrained(path)
         processor.save_pretrained(path)
     dist.barrier()
 
 
-def full_weights(model):
+def full_weights(model, dtype: torch.dtype | None = None):
     """(name, full tensor) pairs, one all-gather at a time, on every rank: each rank's engine
-    needs the whole model (gathering to rank 0 only leaves the other engines stale)."""
+    needs the whole model (gathering to rank 0 only leaves the other engines stale).
+
+    With `dtype`, each floating-point shard is cast before its all-gather, so a bf16 engine
+    gets bf16 over the wire: half the traffic and the temporary memory of gathering the float32
+    master weights, which verl does (verl/workers/fsdp_workers.py, `rollout_mode`:
+    `param.full_tensor()` on the master shards) and EasyR1 too (`_make_weight_iterator`). The
+    engine receives the same values: vLLM's loader rounds a float32 tensor to its bf16
+    parameter on `copy_` exactly as `.to(torch.bfloat16)` does (round to nearest even)."""
     for name, value in model.state_dict().items():
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)  # a DTensor casts its local shard: no communication
         yield name, value.full_tensor() if hasattr(value, "full_tensor") else value

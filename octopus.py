@@ -190,6 +190,11 @@ class Config:
         0.0, "if > 0: warm-up over this share of the steps instead of warmup_steps"
     )
     grad_clip: float = knob(1.0, "gradient-norm clipping")
+    max_nonfinite_steps: int = knob(
+        5,
+        "stop after this many optimizer steps in a row with a NaN/inf gradient norm (each one is "
+        "skipped on every rank and counted in skipped_steps; 0: never stop)",
+    )
     betas: tuple[float, float] = knob((0.9, 0.999), "AdamW betas")
 
     # sampling

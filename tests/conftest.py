@@ -37,6 +37,9 @@ def engine(tiny_path):
     """One in-process vLLM engine on the tiny model for the whole run (start ~5 s)."""
     from rollout import VLLMEngine
 
-    eng = VLLMEngine(tiny_path, max_model_len=1024, kv_cache_gb=0.25, seed=0)
+    # on a GPU: a fifth of the card (the default half would leave too little for the engines
+    # that tests started later in the same run still need: vLLM checks free memory at start)
+    eng = VLLMEngine(tiny_path, max_model_len=1024, kv_cache_gb=0.25, seed=0,
+                     gpu_memory_utilization=0.2)  # fmt: skip
     yield eng
     eng.close()

@@ -2,7 +2,9 @@
 machine without vLLM (the same interface: generate / sync_weights / sleep / wake / close).
 
 Slow and simple: one un-sharded copy of the model per rank, moved to the CPU while asleep (so
-a sleep frees its GPU memory as vLLM's does). Never used by the trainer itself.
+a sleep frees its GPU memory as vLLM's does, though too little to measure on the tiny
+model). Its sleep keeps the weights (vLLM's level 2 discards them): a sync always follows in the
+trainer anyway. Never used by the trainer itself.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class HFEngine:
         self.device = device
         self.processor = AutoProcessor.from_pretrained(model_path)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.dtype = dtype  # what sync_weights should be sent in (rollout.VLLMEngine's)
         self.model = Qwen3VLForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
         self.model.to(device).eval()
         self.max_model_len = max_model_len

@@ -288,9 +288,14 @@ def test_sleep_state_and_cache_reset_on_every_device(engine, prompts, hf_model):
             engine.generate(prompts[:1], 1, greedy)
         engine.wake(["kv_cache"])
         assert not engine.asleep
+        engine.generate(prompts[:1], 1, greedy)  # synced since the sleep: allowed
         engine.sleep()
         engine.wake()
         assert not engine.asleep
+        # a sleep discards the weights (level 2 on GPU): sampling waits for the next sync
+        with pytest.raises(RuntimeError, match="sync_weights"):
+            engine.generate(prompts[:1], 1, greedy)
     finally:
         engine.wake()
+        engine.sync_weights(hf_model.state_dict().items())
     assert [g[0].ids for g in engine.generate(prompts[:1], 1, greedy)] == [before[0][0].ids]
