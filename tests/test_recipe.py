@@ -158,7 +158,7 @@ def test_a_step_goes_on_without_a_prompt_whose_image_breaks(tiny_path, tmp_path)
     assert row["step"] == 1 and row["bad_images"] == 1 and row["data_skipped"] == 0
     assert row["samples_per_prompt"] > 0
     assert "1 prompts left out, an image does not decode: r3:" in proc.stderr
-    assert "3.png:row 4: field image[0]: unreadable image" in proc.stderr
+    assert "train.jsonl:row 4: field image[0]: unreadable image" in proc.stderr
 
 
 def test_no_image_bytes_are_decoded_at_load(tmp_path, processor):
