@@ -2,7 +2,10 @@
 
     # the CPU demo (tiny model, synthetic task: cold start -> Stage I -> Stage II, 2 cores)
     .venv/bin/torchrun --nproc_per_node=2 train.py --preset demo
-    # one 8-GPU node, the paper's runs (arXiv 2602.08503); every Config field is a flag (--help)
+    # one 8-GPU node: Octopus-8B, the cold start, Stage I and Stage II in one launch, from the
+    # data README "Getting the data" fetches (== --preset octopus-8b; --dry_run prints them)
+    .venv/bin/torchrun --nproc_per_node=8 train.py
+    # one stage of the paper's runs (arXiv 2602.08503); every Config field is a flag (--help)
     .venv/bin/torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage1 \\
         --model runs/octopus-sft/export --train_data data/ViRL39K --val_data data/geometry3k \\
         --out_dir runs/octopus-stage1
