@@ -28,7 +28,7 @@ import sys
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from data import load_examples, prompt_length, synthetic_task  # noqa: E402
+from data import decode_examples, load_examples, prompt_length, synthetic_task  # noqa: E402
 from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, SC, split_response  # noqa: E402
 from reward import answer_of, format_reward, score_batch  # noqa: E402
 
@@ -222,6 +222,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         examples, report = load_examples(args.data, suffix="", **pixels)
         print(f"[coldstart] {report.summary()}", file=sys.stderr)
+        # the engines take every input at once: decode the images once, here (data.py keeps
+        # them encoded at load); an image that does not decode leaves its input out, named
+        examples, bad = decode_examples(examples)
+        if bad:
+            print(f"[coldstart] {len(bad)} inputs left out, an image does not decode: "
+                  f"{'; '.join(bad[:5])}", file=sys.stderr)  # fmt: skip
     processor = AutoProcessor.from_pretrained(args.policy)
     suffix = O1_SUFFIXES[args.o1_prompt]
     # No sleep mode: these engines never sleep, and vLLM's sleep-mode allocator is one pool per

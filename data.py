@@ -1,10 +1,15 @@
 """Dataset rows -> chat examples with images (the paper trains on ViRL-39K and validates on
-Geometry3K), and the synthetic visual task of the CPU demo.
+Geometry3K; the cold start reads LLaVA-CoT-100k), and the synthetic visual task of the CPU demo.
 
 An example is a plain dict: `{"id", "messages", "answer", "category"?}` where `messages` is a
-chat whose user turn holds `{"type": "image", "image": PIL.Image}` and `{"type": "text"}`
-items, ready for the processor's chat template. A bad row (no answer, unreadable image) is
-reported with its file, row number and field, counted, and never silently dropped.
+chat whose user turn holds `{"type": "image", "image": ...}` and `{"type": "text"}` items. A
+loaded example keeps each image *encoded* (`EncodedImage`: the file's bytes or its path, and
+the size the model will see, read from the header): ViRL-39K holds 2.9 GB of JPEGs, ~55 GiB
+once decoded, on every rank. `decode_example` turns them into resized PIL images when a step
+renders its prompts (train.py, eval.py, coldstart.py); the synthetic task's images are PIL
+from the start and pass through. A bad row (no answer, unreadable image) is reported with its
+file, row number and field, counted, and never silently dropped; an image whose header reads
+but whose pixels do not is found when the step decodes it, and skipped and counted there.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import io
 import json
 import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -51,6 +57,12 @@ class LoadReport:
 # Reading rows: JSONL / JSON, parquet, HF dataset folders (save_to_disk arrow or hub parquet)
 # ---------------------------------------------------------------------------------------------
 
+# Rows converted to Python objects at a time: a parquet file is read batch by batch, so loading
+# holds one batch of Arrow data beside the kept examples, not the whole table twice. Without
+# pre-buffering (pyarrow caches whole column chunks by default) the resident memory grows by
+# ~1.07x the image bytes per row instead of ~1.9x (bench/data_scale.py).
+ROWS_PER_BATCH = 64
+
 
 def _data_files(path: str, split: str | None) -> list[str]:
     if os.path.isfile(path):
@@ -62,6 +74,8 @@ def _data_files(path: str, split: str | None) -> list[str]:
         files += glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True)
     files = sorted(f for f in files if os.path.basename(f) not in ("dataset_info.json", "state.json",
                                                                     "dataset_dict.json"))  # fmt: skip
+    # hub downloads keep a cache of metadata under .cache/ (hf download --local-dir)
+    files = [f for f in files if ".cache" not in os.path.relpath(f, path).split(os.sep)]
     if split:
         files = [f for f in files if split in os.path.relpath(f, path)]
     if not files:
@@ -90,8 +104,9 @@ def _file_rows(path: str) -> Iterator[tuple[int, dict | str]]:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
+        reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        rows = (r for b in reader.iter_batches(ROWS_PER_BATCH) for r in b.to_pylist())
+        yield from enumerate(rows, start=1)
     elif path.endswith(".arrow"):
         yield from enumerate(_arrow_rows(path), start=1)
     elif path.endswith(".jsonl"):
@@ -109,51 +124,151 @@ def _file_rows(path: str) -> Iterator[tuple[int, dict | str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rows -> examples
+# Images: kept encoded at load, decoded in the step
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """One image as its file holds it: `data` is the encoded bytes or the absolute path of the
+    file; `width` x `height` is the size the model sees (Qwen's smart resize of the size in the
+    header, decided at load so the prompt-length filter needs no pixels); `where` names the row
+    and field for the message of a decode that fails."""
+
+    data: bytes | str = field(repr=False)
+    width: int
+    height: int
+    where: str = ""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def decode(self) -> Image.Image:
+        """The RGB pixels at `size`. Raises ValueError saying what was wrong."""
+        image = _open(self.data, load=True).convert("RGB")
+        return image if image.size == self.size else image.resize(self.size, Image.BICUBIC)
 
 
 def resize_image(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
     """RGB, sides multiples of 32, area within [min_pixels, max_pixels] (Qwen's smart resize)."""
-    from qwen_vl_utils import smart_resize
-
     image = image.convert("RGB")
-    h, w = smart_resize(image.height, image.width, IMAGE_FACTOR, min_pixels, max_pixels)
+    w, h = target_size(image.width, image.height, min_pixels, max_pixels)
     return image if (w, h) == image.size else image.resize((w, h), Image.BICUBIC)
 
 
-def load_image(value, base_dir: str) -> Image.Image:
-    """A PIL image from a path (relative to the data file), bytes, base64, an HF image dict
-    (`{"bytes", "path"}`) or a PIL image. Raises ValueError saying what was wrong."""
-    if isinstance(value, Image.Image):
-        return value
+def target_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(width, height) after Qwen's smart resize: sides multiples of 32, area in range. Raises
+    ValueError for an aspect ratio over 200 (qwen_vl_utils refuses those)."""
+    from qwen_vl_utils import smart_resize
+
+    h, w = smart_resize(height, width, IMAGE_FACTOR, min_pixels, max_pixels)
+    return w, h
+
+
+def _open(data: bytes | str, *, load: bool) -> Image.Image:
+    """PIL's lazy open of an encoded image (the header only), or with `load` its pixels too."""
+    try:
+        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        if load:
+            image.load()
+    except Exception as e:
+        raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from None
+    return image
+
+
+def image_source(value, base_dir: str) -> bytes | str:
+    """The encoded file behind an image value: bytes (from bytes, base64, a data URI or an HF
+    image struct `{"bytes", "path"}`) or the absolute path of a file (a path relative to the
+    data file). Raises ValueError saying what was wrong."""
     if isinstance(value, dict):
         if value.get("bytes"):
-            return load_image(value["bytes"], base_dir)
+            return image_source(value["bytes"], base_dir)
         if value.get("path"):
-            return load_image(value["path"], base_dir)
+            return image_source(value["path"], base_dir)
         raise ValueError("image dict has neither bytes nor path")
     if isinstance(value, str):
         path = value if os.path.isabs(value) else os.path.join(base_dir, value)
-        if len(value) < 4096 and os.path.exists(path):
-            with open(path, "rb") as f:
-                value = f.read(MAX_IMAGE_BYTES + 1)
-        else:
-            payload = value.split(",", 1)[1] if value.startswith("data:") else value
-            try:
-                value = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError(f"not a file and not base64: {value[:60]!r}") from None
+        if len(value) < 4096 and os.path.isfile(path):
+            if os.path.getsize(path) > MAX_IMAGE_BYTES:
+                raise ValueError(f"image over {MAX_IMAGE_BYTES} bytes: {path}")
+            return os.path.abspath(path)
+        payload = value.split(",", 1)[1] if value.startswith("data:") else value
+        try:
+            value = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            where = f" (no file {path})" if len(value) < 4096 else ""
+            raise ValueError(f"not a file and not base64: {value[:60]!r}{where}") from None
     if isinstance(value, (bytes, bytearray)):
         if len(value) > MAX_IMAGE_BYTES:
             raise ValueError(f"image over {MAX_IMAGE_BYTES} bytes")
-        try:
-            image = Image.open(io.BytesIO(value))
-            image.load()
-        except Exception as e:
-            raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from None
-        return image
+        return bytes(value)
     raise ValueError(f"unsupported image value of type {type(value).__name__}")
+
+
+def encode_image(
+    value, base_dir: str, min_pixels: int, max_pixels: int, where: str = ""
+) -> EncodedImage | Image.Image:
+    """An image value of a row -> `EncodedImage` (its header read, its pixels not). A PIL image
+    (already decoded) is resized and kept. Raises ValueError saying what was wrong."""
+    if isinstance(value, Image.Image):
+        return resize_image(value, min_pixels, max_pixels)
+    data = image_source(value, base_dir)
+    with _open(data, load=False) as image:
+        width, height = image.size
+    return EncodedImage(data, *target_size(width, height, min_pixels, max_pixels), where)
+
+
+def load_image(value, base_dir: str) -> Image.Image:
+    """A PIL image (pixels loaded, original size) from any value `image_source` reads, or a PIL
+    image. Raises ValueError saying what was wrong."""
+    if isinstance(value, Image.Image):
+        return value
+    return _open(image_source(value, base_dir), load=True)
+
+
+def decode_example(example: dict) -> dict:
+    """`example` with every `EncodedImage` of its chat decoded into a resized RGB PIL image
+    (what the processor and the engine take); PIL images pass through. Raises DataError naming
+    the row and field of an image that does not decode."""
+    messages = []
+    for m in example["messages"]:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [_decoded(item) for item in content]
+        messages.append({**m, "content": content})
+    return {**example, "messages": messages}
+
+
+def _decoded(item: dict) -> dict:
+    image = item.get("image") if item.get("type") == "image" else None
+    if not isinstance(image, EncodedImage):
+        return item
+    try:
+        return {**item, "image": image.decode()}
+    except ValueError as e:
+        raise DataError(f"{image.where}: {e}") from None
+
+
+def decode_examples(examples: list[dict]) -> tuple[list[dict], list[str]]:
+    """The examples whose images decode (in order, decoded) and one line per example that does
+    not (its row, field and error): the step goes on without it."""
+    kept, bad = [], []
+    for e in examples:
+        try:
+            kept.append(decode_example(e))
+        except DataError as err:
+            bad.append(f"{e['id']}: {err}")
+    return kept, bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows -> examples
+# ---------------------------------------------------------------------------------------------
+
+# LLaVA-CoT-100k's responses end with the short answer inside <CONCLUSION> ... </CONCLUSION>
+# (Xkev/LLaVA-CoT-100k, train.jsonl); the cold start needs that answer as the ground truth.
+_CONCLUSION_RE = re.compile(r"<CONCLUSION>(.*?)</CONCLUSION>", re.DOTALL)
 
 
 def _first(row: dict, names: tuple[str, ...]):
@@ -161,6 +276,26 @@ def _first(row: dict, names: tuple[str, ...]):
         if row.get(name) not in (None, "", []):
             return name, row[name]
     return None, None
+
+
+def conversation_fields(turns) -> tuple[str | None, str | None]:
+    """(question, answer) of a LLaVA-style `conversations` list (`{"from": "human" | "gpt",
+    "value"}`): the first human turn and the first assistant turn after it, the answer cut to
+    its `<CONCLUSION>` when it has one (LLaVA-CoT-100k). Later turns are not used."""
+    if not isinstance(turns, list):
+        return None, None
+    question = answer = None
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            continue
+        who = str(turn.get("from", turn.get("role", ""))).lower()
+        if question is None and who in ("human", "user"):
+            question = turn["value"]
+        elif question is not None and who in ("gpt", "assistant"):
+            found = _CONCLUSION_RE.search(turn["value"])
+            answer = (found.group(1) if found else turn["value"]).strip()
+            break
+    return question, answer or None
 
 
 def row_to_example(
@@ -172,24 +307,31 @@ def row_to_example(
     min_pixels: int = 256 * 28 * 28,
     max_pixels: int = 1280 * 28 * 28,
 ) -> dict:
-    """One ViRL-39K / Geometry3K-style row -> example. `<image>` placeholders in the question
-    place the images; without them the images come first. Raises DataError naming `where`."""
+    """One ViRL-39K / Geometry3K / LLaVA-CoT-style row -> example (images kept encoded).
+    `<image>` placeholders in the question place the images; without them the images come
+    first. Raises DataError naming `where`."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: {row if isinstance(row, str) else 'row is not an object'}")
     q_name, question = _first(row, QUESTION_FIELDS)
-    if question is None:
-        raise DataError(f"{where}: no question (looked for {', '.join(QUESTION_FIELDS)})")
     _, answer = _first(row, ANSWER_FIELDS)
+    if question is None and row.get("conversations") is not None:
+        q_name = "conversations"
+        question, answer = conversation_fields(row["conversations"])
+    if question is None:
+        raise DataError(f"{where}: no question (looked for {', '.join(QUESTION_FIELDS)}, "
+                        "conversations)")  # fmt: skip
     if answer is None:
-        raise DataError(f"{where}: no answer (looked for {', '.join(ANSWER_FIELDS)})")
+        raise DataError(f"{where}: no answer (looked for {', '.join(ANSWER_FIELDS)}, "
+                        "a gpt turn of conversations)")  # fmt: skip
     img_name, images = _first(row, IMAGE_FIELDS)
     images = [] if images is None else images if isinstance(images, list) else [images]
     loaded = []
     for k, value in enumerate(images):
+        field_at = f"{where}: field {img_name}[{k}]"
         try:
-            loaded.append(resize_image(load_image(value, base_dir), min_pixels, max_pixels))
+            loaded.append(encode_image(value, base_dir, min_pixels, max_pixels, field_at))
         except ValueError as e:
-            raise DataError(f"{where}: field {img_name}[{k}]: {e}") from None
+            raise DataError(f"{field_at}: {e}") from None
     content: list[dict] = []
     pieces = str(question).split("<image>")
     if len(pieces) - 1 == len(loaded):
@@ -229,8 +371,9 @@ def load_examples(
     max_pixels: int = 1280 * 28 * 28,
     limit: int | None = None,
 ) -> tuple[list[dict], LoadReport]:
-    """All examples of a JSONL / JSON / parquet file or an HF dataset folder, and the report of
-    what was skipped and why (`report.skipped` has one line per bad row)."""
+    """All examples of a JSONL / JSON / parquet file or an HF dataset folder (images encoded:
+    `decode_example` gives the pixels), and the report of what was skipped and why
+    (`report.skipped` has one line per bad row)."""
     report = LoadReport()
     examples = []
     for file in _data_files(path, split):
@@ -258,8 +401,9 @@ def load_examples(
 
 def prompt_length(processor, example: dict) -> int:
     """Tokens of `example`'s prompt as the model sees it: the chat template's text plus every
-    image's visual tokens, counted with the image processor's own resizing rule (no pixel is
-    processed, so filtering a 39k-row dataset at load costs seconds)."""
+    image's visual tokens, counted with the image processor's own resizing rule from the image's
+    size (encoded or decoded alike: no pixel is processed, so filtering a 39k-row dataset at
+    load costs seconds)."""
     messages = example["messages"]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -107,10 +107,13 @@ class Config:
         'starting checkpoint (HF folder); "tiny" builds the tiny random Qwen3-VL',
     )
     train_data: str = knob(
-        "",
-        'RL prompts: JSONL / parquet / HF folder (ViRL-39K fields), or "synthetic:N" (dot counting)',
+        "data/ViRL39K",
+        'RL prompts: JSONL / parquet / HF folder (ViRL-39K fields), or "synthetic:N" (dot counting); README "Getting the data"',
     )
-    val_data: str = knob("", "validation prompts (Geometry3K test in the paper), same formats")
+    val_data: str = knob(
+        "data/geometry3k",
+        'validation prompts (Geometry3K test in the paper), same formats ("": no validation)',
+    )
     out_dir: str = knob("runs/octopus", "metrics, config, checkpoints and the export go here")
     seed: int = knob(0, "seed of the data order, the engine and the splicing")
 
@@ -222,7 +225,8 @@ class Config:
 
     # SFT (the cold start, Sec. 4.1)
     sft_data: str = knob(
-        "", 'cold-start chats (rows with question, images, answer, response), or "synthetic:N"'
+        "data/coldstart.jsonl",
+        'cold-start chats (rows with question, images, answer, response: coldstart.py writes them), or "synthetic:N"',
     )
     sft_max_len: int = knob(8192, "response tokens kept per SFT row")
     sft_batch: int = knob(64, "SFT sequences per optimizer step, all ranks together")
@@ -297,6 +301,20 @@ _DEMO = dict(
     gradient_checkpointing=False,
 )
 
+# The cold start (Sec. 4.1): full fine-tune, lr 1e-6, 8192 tokens, 1 epoch (the paper); the batch,
+# the cosine schedule with 3% warm-up and the image size are the release's, on which the paper is
+# silent.
+_SFT = dict(
+    stage="sft",
+    lr=1e-6,
+    epochs=1,
+    sft_batch=128,
+    lr_schedule="cosine",
+    warmup_ratio=0.03,
+    max_pixels=262144,
+    weight_decay=0.0,
+)
+
 PRESETS: dict[str, dict] = {
     "octopus-8b-stage1": dict(stage="1"),
     "octopus-8b-stage2": dict(stage="2", kl_coef=0.0, model="runs/octopus-stage1/export"),
@@ -310,19 +328,10 @@ PRESETS: dict[str, dict] = {
     "ablation-no-augment": dict(stage="1", augment="none", n_train=8),
     "ablation-random-augment": dict(stage="1", augment="random"),
     "ablation-no-stage1": dict(stage="2", kl_coef=0.0),
-    # The cold start (Sec. 4.1): full fine-tune, lr 1e-6, 8192 tokens, 1 epoch (the paper); the
-    # batch, the cosine schedule with 3% warm-up and the image size are the release's, on which
-    # the paper is silent.
-    "sft": dict(
-        stage="sft",
-        lr=1e-6,
-        epochs=1,
-        sft_batch=128,
-        lr_schedule="cosine",
-        warmup_ratio=0.03,
-        max_pixels=262144,
-        weight_decay=0.0,
-    ),
+    "sft": _SFT,
+    # Octopus-8B's recipe in one launch (`--preset octopus-8b`, the default): the cold start,
+    # Stage I from its export, Stage II from Stage I's (Sec. 4.1, 4.3; experimental setup).
+    "octopus-8b-sft": dict(_SFT, out_dir="runs/octopus-8b"),
     # The CPU demo, one preset per stage; `--preset demo` runs the three in sequence.
     "demo-sft": dict(
         _DEMO,
@@ -343,8 +352,12 @@ PRESETS: dict[str, dict] = {
 }
 
 # Presets run one after the other in one launch, each stage from the previous stage's export,
-# in `out_dir/stage-<stage>`.
-SEQUENCES: dict[str, list[str]] = {"demo": ["demo-sft", "demo-1", "demo-2"]}
+# in `out_dir/stage-<stage>` (the first preset's out_dir). "octopus-8b" is train.py's default:
+# runs/octopus-8b/stage-sft, stage-1 and stage-2, the last export being Octopus-8B.
+SEQUENCES: dict[str, list[str]] = {
+    "octopus-8b": ["octopus-8b-sft", "octopus-8b-stage1", "octopus-8b-stage2"],
+    "demo": ["demo-sft", "demo-1", "demo-2"],
+}
 
 
 def preset(name: str, **overrides) -> Config:

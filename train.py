@@ -2,7 +2,10 @@
 
     # the CPU demo (tiny model, synthetic task: cold start -> Stage I -> Stage II, 2 cores)
     .venv/bin/torchrun --nproc_per_node=2 train.py --preset demo
-    # one 8-GPU node, the paper's runs (arXiv 2602.08503); every Config field is a flag (--help)
+    # one 8-GPU node: Octopus-8B, the cold start, Stage I and Stage II in one launch, from the
+    # data README "Getting the data" fetches (== --preset octopus-8b; --dry_run prints them)
+    .venv/bin/torchrun --nproc_per_node=8 train.py
+    # one stage of the paper's runs (arXiv 2602.08503); every Config field is a flag (--help)
     .venv/bin/torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage1 \\
         --model runs/octopus-sft/export --train_data data/ViRL39K --val_data data/geometry3k \\
         --out_dir runs/octopus-stage1
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -56,7 +60,13 @@ from augment import (  # noqa: E402
     splice_group,
     transition_counts,
 )
-from data import load_examples, prompt_length, synthetic_coldstart, synthetic_task  # noqa: E402
+from data import (  # noqa: E402
+    decode_examples,
+    load_examples,
+    prompt_length,
+    synthetic_coldstart,
+    synthetic_task,
+)
 from fsdp import (  # noqa: E402
     Metrics,
     all_reduce,
@@ -149,7 +159,8 @@ class Group:
 def rl_step(t: Trainer, step: int) -> dict:
     """One RL step of Octopus or a baseline on this rank's prompts; returns the metrics row."""
     cfg, clock = t.cfg, Clock()
-    examples = share_of_step(t.train, step, cfg.prompts_per_step, cfg.seed)
+    # images are decoded here, not at load; a prompt whose image does not decode is left out
+    examples, bad = step_examples(t, step, cfg.prompts_per_step)
     prompts = [render_prompt(t.processor, e["messages"]) for e in examples]
     rng = random.Random(cfg.seed * 7919 + step * dist.get_world_size() + dist.get_rank())
 
@@ -179,7 +190,7 @@ def rl_step(t: Trainer, step: int) -> dict:
         sync_engine(t)
     if cfg.dump_every and (step + 1) % cfg.dump_every == 0:
         dump_groups(t, step, groups)
-    return step_metrics(t, groups, stats, clock)
+    return step_metrics(t, groups, stats, clock, bad_images=len(bad))
 
 
 def generate(t: Trainer, prompts: list[dict], step: int) -> list[list[Generation]]:
@@ -234,10 +245,13 @@ def make_group(t: Trainer, example: dict, prompt: dict, generations, scores, rng
 
 
 def mini_batches_of(groups: list[Group], cfg: Config) -> list[list[Group]]:
-    """This rank's groups split into the step's mini-batches (one optimizer step each)."""
+    """This rank's groups split into the step's mini-batches (one optimizer step each), as
+    evenly as they go: a rank that left out a prompt (an image that did not decode) has fewer
+    groups, never an empty mini-batch (`step_examples` makes sure there is one per mini-batch),
+    so every rank runs the same optimizer steps and the same collectives."""
     n = max(cfg.prompts_per_step // cfg.mini_batch_prompts, 1)
-    per = len(groups) // n
-    return [groups[k * per : (k + 1) * per] for k in range(n)]
+    bounds = [k * len(groups) // n for k in range(n + 1)]
+    return [groups[bounds[k] : bounds[k + 1]] for k in range(n)]
 
 
 # =============================================================================================
@@ -423,11 +437,15 @@ class Clock:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def step_metrics(t: Trainer, groups: list[Group], stats: list[dict], clock: Clock) -> dict:
+def step_metrics(
+    t: Trainer, groups: list[Group], stats: list[dict], clock: Clock, bad_images: int = 0
+) -> dict:
     """The step's row: rewards and accuracies of the generated rollouts, w->c and the other
     transitions before and after splicing, the loss statistics, the engine/trainer log-prob gap,
-    seconds per phase; averaged or summed over ranks."""
+    seconds per phase, prompts left out for an image that did not decode; averaged or summed
+    over ranks."""
     m = Metrics()
+    m.add_total("bad_images", bad_images)
     for g in groups:
         for r, gen, item in zip(g.rollouts, g.generations, g.items, strict=False):
             m.add("reward", r.reward)
@@ -513,8 +531,10 @@ def validate(t: Trainer, step: int) -> dict:
     cfg, tok = t.cfg, t.processor.tokenizer
     rank, world = dist.get_rank(), dist.get_world_size()
     val = t.val[: cfg.val_max_prompts] if cfg.val_max_prompts else t.val
-    mine = val[rank::world]
+    mine, bad = decode_examples(val[rank::world])
+    report_bad(f"[val] step {step + 1}", bad)
     metrics = Metrics()
+    metrics.add_total("val_bad_images", len(bad))
     if mine:
         prompts = [render_prompt(t.processor, e["messages"]) for e in mine]
         torch.manual_seed(cfg.seed + 104_729 * (step + 1) + rank)
@@ -552,7 +572,7 @@ def sft_step(t: Trainer, step: int) -> dict:
     cfg, tok = t.cfg, t.processor.tokenizer
     clock = Clock()
     with clock("update"):
-        examples = share_of_step(t.train, step, cfg.sft_batch, cfg.seed)
+        examples, bad = step_examples(t, step, cfg.sft_batch)
         eos = tok.convert_tokens_to_ids("<|im_end|>")
         groups = [
             Group(e, encode_prompt(t.processor, render_prompt(t.processor, e["messages"])), [],
@@ -573,6 +593,7 @@ def sft_step(t: Trainer, step: int) -> dict:
         t.scheduler.step()
     m = Metrics()
     m.add_total("sft_loss", loss_sum)  # the shares of all ranks add up to the global mean
+    m.add_total("bad_images", len(bad))
     m.add("time_update", clock.seconds["update"])
     row = m.reduce()
     row.update(grad_norm=grad_norm, skipped_steps=float(skipped), lr=t.scheduler.get_last_lr()[0],
@@ -645,7 +666,8 @@ def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Traine
     sft = cfg.stage == "sft"
     train, skipped = load_split(cfg.sft_data if sft else cfg.train_data, cfg, processor,
                                 seed=cfg.seed, sft=sft)  # fmt: skip
-    val = load_split(cfg.val_data, cfg, processor, seed=cfg.seed + 1)[0] if cfg.val_data else []
+    validates = bool(cfg.val_data and cfg.val_every)  # --val_every 0: val_data is not read
+    val = load_split(cfg.val_data, cfg, processor, seed=cfg.seed + 1)[0] if validates else []
     if not train:
         raise SystemExit(f"[{cfg.stage}] no usable training rows ({skipped} skipped)")
     per_step = cfg.sft_batch if sft else cfg.prompts_per_step
@@ -781,7 +803,8 @@ def load_split(
     if long:  # the released code filters these at load too; they would not fit the engine
         log0(f"[data] {spec}: {len(long)} prompts over --max_prompt_len {cfg.max_prompt_len} "
              f"tokens skipped (e.g. {long[:3]})")  # fmt: skip
-        examples = [e for e in examples if e["id"] not in set(long)]
+        long_ids = set(long)
+        examples = [e for e in examples if e["id"] not in long_ids]
         skipped += len(long)
     return examples, skipped
 
@@ -799,13 +822,44 @@ def share_of_step(examples: list[dict], step: int, per_step: int, seed: int) -> 
 def prompts_of_step(n_examples: int, step: int, per_step: int, seed: int) -> list[int]:
     """Example indices of global step `step`: epochs are seeded permutations read in order, so
     a resumed run continues exactly where it stopped and never repeats a prompt of an epoch."""
-    out = []
-    for pos in range(step * per_step, (step + 1) * per_step):
+    out, pos, end = [], step * per_step, (step + 1) * per_step
+    while pos < end:  # a step may run over the end of an epoch into the next
         epoch, k = divmod(pos, n_examples)
-        perm = list(range(n_examples))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-        out.append(perm[k])
+        take = min(end - pos, n_examples - k)
+        out += epoch_order(n_examples, seed, epoch)[k : k + take]
+        pos += take
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The order of epoch `epoch`: one seeded permutation, drawn once and kept (a step reads
+    512 of ViRL-39K's 38,870; drawing it per prompt took seconds per step)."""
+    perm = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+    return tuple(perm)
+
+
+def step_examples(t: Trainer, step: int, per_step: int) -> tuple[list[dict], list[str]]:
+    """This rank's examples of `step` with their images decoded, and one line per example left
+    out because an image did not decode (logged; the step goes on with the rest). A rank needs
+    one prompt per mini-batch to stay in step with the others' collectives: with fewer it stops
+    the launch (torchrun ends every rank) naming the images."""
+    examples, bad = decode_examples(share_of_step(t.train, step, per_step, t.cfg.seed))
+    report_bad(f"[{t.cfg.stage}] step {step + 1}", bad)
+    need = 1 if t.cfg.stage == "sft" else max(t.cfg.prompts_per_step // t.cfg.mini_batch_prompts, 1)
+    if len(examples) < need:
+        raise SystemExit(f"[data] rank {dist.get_rank()} step {step + 1}: {len(examples)} of "
+                         f"{len(examples) + len(bad)} prompts have images that decode, {need} "
+                         f"needed: {bad[:3]}")  # fmt: skip
+    return examples, bad
+
+
+def report_bad(where: str, bad: list[str]) -> None:
+    """One line per rank naming the examples left out for an image that did not decode."""
+    if bad:
+        print(f"{where} rank {dist.get_rank()}: {len(bad)} prompts left out, an image does "
+              f"not decode: {'; '.join(bad[:3])}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 # =============================================================================================
@@ -823,8 +877,9 @@ def parse_args(argv: list[str]) -> tuple[str, dict, dict]:
         epilog=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="octopus-8b-stage1", choices=sorted([*PRESETS, *SEQUENCES]),
-                        help="a named run (Tables 2-3, the demo); the flags below override it")  # fmt: skip
+    parser.add_argument("--preset", default="octopus-8b", choices=sorted([*PRESETS, *SEQUENCES]),
+                        help="a named run (Tables 2-3, the demo; octopus-8b: cold start, Stage I, "
+                        "Stage II in one launch); the flags below override it")  # fmt: skip
     parser.add_argument("--export_only", action="store_true",
                         help="export the newest checkpoint of --out_dir to HF format and stop")  # fmt: skip
     parser.add_argument("--dry_run", action="store_true",
@@ -862,7 +917,12 @@ def stage_configs(name: str, overrides: dict) -> list[Config]:
         return [preset(name, **overrides)]
     stages = [preset(p, **overrides) for p in SEQUENCES[name]]
     root = stages[0].out_dir
-    return [c.replace(out_dir=os.path.join(root, f"stage-{c.stage}")) for c in stages]
+    stages = [c.replace(out_dir=os.path.join(root, f"stage-{c.stage}")) for c in stages]
+    # each later stage starts from the export of the one before (run_sequence passes it on)
+    return stages[:1] + [
+        c.replace(model=os.path.join(prev.out_dir, "export"))
+        for prev, c in zip(stages, stages[1:], strict=False)
+    ]
 
 
 def run_sequence(stages: list[Config]) -> VLLMEngine:
@@ -906,18 +966,55 @@ def _wandb(cfg: Config):
     return wandb
 
 
+def missing_data(stages: list[Config]) -> list[str]:
+    """`--flag path` for each data path the stages read that does not exist (the cold start reads
+    sft_data, RL stages train_data; val_data when set and --val_every is not 0); "synthetic:N"
+    needs no file."""
+    missing = []
+    for cfg in stages:
+        needed = ["sft_data" if cfg.stage == "sft" else "train_data"]
+        for flag in needed + (["val_data"] if cfg.val_data and cfg.val_every else []):
+            path = getattr(cfg, flag)
+            if path.startswith("synthetic:") or (path and os.path.exists(path)):
+                continue
+            entry = f"--{flag} {path}" if path else f"--{flag} (empty)"
+            if entry not in missing:
+                missing.append(entry)
+    order = ("--sft_data", "--train_data", "--val_data")
+    return sorted(missing, key=lambda e: order.index(e.split()[0]))
+
+
+def missing_data_message(missing: list[str]) -> str:
+    return (
+        f'[data] not found: {", ".join(missing)}. The README section "Getting the data" has '
+        "the commands that fetch ViRL-39K, Geometry3K and LLaVA-CoT and build the cold-start "
+        "chats into these paths; or point the flags elsewhere."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     name, overrides, flags = parse_args(sys.argv[1:] if argv is None else argv)
     stages = stage_configs(name, overrides)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank runs this
+    missing = missing_data(stages)
     if flags["dry_run"]:
         for cfg in stages:
             check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-            print(json.dumps(dataclasses.asdict(cfg)))
+            if rank0:
+                print(json.dumps(dataclasses.asdict(cfg)))
+        if missing and rank0:
+            print(missing_data_message(missing), file=sys.stderr)
         return
     engine = None
     if flags["export_only"]:
         export_only(stages[-1])
     else:
+        if missing:  # before any model loads: one message, no traceback
+            if rank0:
+                print(missing_data_message(missing), file=sys.stderr, flush=True)
+            # exit status 1 alone; under torchrun 0, since a failed child makes the launcher
+            # print its own traceback (ChildFailedError) under the message and bury it
+            sys.exit(0 if "TORCHELASTIC_RUN_ID" in os.environ else 1)
         engine = run_sequence(stages)
     if engine is not None:
         engine.close()  # last: under torchrun its teardown takes the default process group along

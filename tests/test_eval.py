@@ -80,6 +80,8 @@ def test_rounds_summary():
 
 
 def test_vlmevalkit_tsv_fixture(tmp_path):
+    from data import EncodedImage, decode_example
+
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
     b64 = base64.b64encode(buf.getvalue()).decode()
@@ -92,20 +94,24 @@ def test_vlmevalkit_tsv_fixture(tmp_path):
     ex = ev.load_vlmevalkit_tsv(str(path))
     assert [e["id"] for e in ex] == ["7", "8"] and [e["answer"] for e in ex] == ["A", "4"]
     text = ex[0]["messages"][0]["content"][1]["text"]
+    # VLMEvalKit's multiple-choice prompt (ImageMCQDataset.build_prompt)
     assert text.startswith(
-        "Hint: Look closely.\nWhat colour?\nOptions:\nA. red\nB. blue\nC. green\n"
+        "Hint: Look closely.\nQuestion: What colour?\nOptions:\nA. red\nB. blue\nC. green\n"
     )
     assert "D." not in text and "Please select the correct answer from the options above." in text
     assert ex[1]["messages"][0]["content"][1]["text"].startswith(
         "How many sides?\n\nYou first think"
     )
-    assert ex[0]["messages"][0]["content"][0]["image"].getpixel((0, 0)) == (255, 0, 0)
     assert ex[0]["category"] == "colour"
-    # images are resized into the released inference's range, 256x28x28 pixels at least
-    image = ex[0]["messages"][0]["content"][0]["image"]
-    assert image.size == (448, 448) and 256 * 28 * 28 <= 448 * 448 <= 1280 * 28 * 28
+    # images stay encoded until the prompts are rendered, at the size they will have then:
+    # resized into the released inference's range, 256x28x28 pixels at least
+    held = ex[0]["messages"][0]["content"][0]["image"]
+    assert isinstance(held, EncodedImage) and held.data == buf.getvalue()
+    image = decode_example(ex[0])["messages"][0]["content"][0]["image"]
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+    assert image.size == held.size == (448, 448) and 256 * 28 * 28 <= 448 * 448 <= 1280 * 28 * 28
     small = ev.load_vlmevalkit_tsv(str(path), min_pixels=32 * 32, max_pixels=64 * 64)
-    assert small[0]["messages"][0]["content"][0]["image"].size == (64, 64)
+    assert decode_example(small[0])["messages"][0]["content"][0]["image"].size == (64, 64)
 
 
 @pytest.mark.slow
@@ -224,3 +230,62 @@ def test_cli_two_images_per_row(tiny_path, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert sorted({r["id"] for r in rows}) == ["r0", "r1", "r2"] and len(rows) == 6
+
+
+def _table2_bench(folder) -> None:
+    """The seven TSVs of Table 2, three rows each, shaped as VLMEvalKit's (MCQ options, an image
+    named by another row's index, several images as a list, MMMU's dev / validation split)."""
+    rng = __import__("random").Random(0)
+
+    def b64(count):
+        buf = io.BytesIO()
+        dots_image(count, rng).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    q = "How many dots are in the image?"
+    vqa = ["index\timage\tquestion\tanswer"] + [
+        f"{i}\t{b64(i + 1)}\t{q}\t{i + 1}" for i in range(3)
+    ]
+    mcq = ["index\timage\tquestion\tA\tB\tanswer\tcategory"] + [
+        f"{i}\t{b64(i + 1) if i == 0 else '0'}\t{q}\t1\t2\tA\tcount" for i in range(3)
+    ]
+    two = str([b64(1), b64(2)])
+    mmmu = ["index\timage\tquestion\tA\tB\tanswer\tsplit"] + [
+        f"{i}\t{two}\tDots in <image 1> and <image 2>?\t3\t4\tA\t{s}"
+        for i, s in enumerate(["dev", "validation", "validation"])
+    ]
+    yorn = ["index\timage\tquestion\tanswer"] + [
+        f"{i}\t{b64(2)}\tAre there 2 dots?\tYes" for i in range(3)
+    ]
+    for _, name, _ in ev.TABLE2:
+        lines = {"MMMU_DEV_VAL.tsv": mmmu, "MMStar.tsv": mcq, "WeMath.tsv": mcq,
+                 "HallusionBench.tsv": yorn}.get(name, vqa)  # fmt: skip
+        (folder / name).write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.slow
+def test_table2_in_one_command(tiny_path, tmp_path):
+    """`eval.py --table2` on the tiny model: every benchmark evaluated with one engine, Table 2's
+    layout printed (acc@1, acc@2 per benchmark and their average), MMMU's validation rows only."""
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    missing = cli("--table2", "--model", tiny_path, "--bench_dir", str(bench))
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "MathVista_MINI.tsv" in missing.stderr and "Getting the data" in missing.stderr
+    _table2_bench(bench)
+    out = tmp_path / "t2"
+    proc = cli("--table2", "--model", tiny_path, "--bench_dir", str(bench), "--out", str(out),
+               "--limit", "2", "--max_tokens", "16", "--max_model_len", "1024")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    names = [name for name, _, _ in ev.TABLE2]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert lines[0] == "| | " + " | ".join(names) + " | Avg |"
+    table = json.load(open(out / "table2.json"))
+    assert list(table) == names and all(t["samples"] == 2 for t in table.values())
+    for row, key in ((lines[2], "acc@1"), (lines[3], "acc@2")):
+        cells = [float(c) for c in row.strip("|").split("|")[1:]]
+        values = [100 * table[n][key] for n in names]
+        assert cells[:-1] == [round(v, 1) for v in values]
+        assert cells[-1] == round(sum(values) / len(values), 1)
+    mmmu = [json.loads(line) for line in open(out / "MMMU-val" / "samples.jsonl")]
+    assert sorted(r["id"] for r in mmmu) == ["1", "2"]  # the dev row is not evaluated

@@ -6,7 +6,9 @@ names (`runs/demo/stage-*/export`) becomes the tiny checkpoint, and each script 
 of `SMALL` appended (argparse keeps the last value). train.py's runs (their stages are tested
 in test_train.py) and the test command (this suite) are checked with `--dry_run` / not at all.
 Blocks whose first line starts with `# GPU` are parsed only: train.py's `--dry_run`, eval.py's
-and coldstart.py's argument parsers. Python blocks run and must print the text block after them.
+and coldstart.py's argument parsers. Blocks whose first line starts with `# Download` need the
+network: they are checked with `bash -n` only. Python blocks run and must print the text block
+after them.
 """
 
 import os
@@ -55,7 +57,12 @@ def is_gpu(block: str) -> bool:
     return block.lstrip().startswith("# GPU")
 
 
-BASH = [(b, is_gpu(b)) for lang, b in readme_blocks() if lang == "bash"]
+def is_download(block: str) -> bool:
+    return block.lstrip().startswith("# Download")
+
+
+BASH = [(b, is_gpu(b)) for lang, b in readme_blocks() if lang == "bash" and not is_download(b)]
+DOWNLOADS = [b for lang, b in readme_blocks() if lang == "bash" and is_download(b)]
 CPU_COMMANDS = [c for b, gpu in BASH if not gpu for c in commands(b)]
 GPU_COMMANDS = [c for b, gpu in BASH if gpu for c in commands(b)]
 
@@ -75,6 +82,29 @@ def script_and_args(command: str) -> tuple[list[str], str, list[str]]:
         words = words[1:]
     k = next(i for i, w in enumerate(words) if w.endswith(".py"))
     return words[:k], words[k], words[k + 1 :]
+
+
+@pytest.mark.parametrize("block", DOWNLOADS)
+def test_download_blocks_parse(block):
+    proc = subprocess.run(["bash", "-n"], input=block, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_downloads_write_the_paths_the_flags_default_to():
+    """The bare `train.py` and `eval.py --table2` read what the README's downloads write."""
+    if not DOWNLOADS:
+        pytest.skip("the README has no # Download block")
+    import eval as evaluate
+    from octopus import Config
+
+    written = "\n".join(DOWNLOADS)
+    for path in (Config().train_data, Config().val_data, evaluate.parse_args(
+            ["--model", "m", "--table2"]).bench_dir):  # fmt: skip
+        assert path in written, path
+    coldstart = [
+        c for c in GPU_COMMANDS if "coldstart.py" in c and "--out " + Config().sft_data in c
+    ]
+    assert coldstart, Config().sft_data
 
 
 @pytest.mark.parametrize("command", GPU_COMMANDS)

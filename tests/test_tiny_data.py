@@ -11,6 +11,9 @@ from PIL import Image
 
 from data import (
     DataError,
+    EncodedImage,
+    decode_example,
+    decode_examples,
     dots_image,
     load_examples,
     load_image,
@@ -93,6 +96,20 @@ def _check(examples, report, file):
     assert any(f"{file}:row 4: no answer" in s for s in report.skipped)
     assert any("row 5: field image[0]" in s for s in report.skipped)
     assert any("row 6: field images[0]: unreadable image" in s for s in report.skipped)
+    # loaded examples hold the encoded file and the size it will have; pixels come in the step
+    images = [
+        c["image"] for e in examples for c in e["messages"][0]["content"] if c["type"] == "image"
+    ]
+    assert len(images) == 3 and all(isinstance(im, EncodedImage) for im in images)
+    # 64x48 scaled up into [256, 1280] x 28 x 28 pixels, 4:3 kept, sides multiples of 32
+    assert all(im.size == (544, 416) for im in images)
+    examples = [decode_example(e) for e in examples]
+    assert [im.size for im in images] == [
+        c["image"].size
+        for e in examples
+        for c in e["messages"][0]["content"]
+        if c["type"] == "image"
+    ]
     first = examples[0]
     assert first["id"] == "v1" and first["answer"] == "red"
     content = first["messages"][0]["content"]
@@ -205,10 +222,40 @@ def test_min_max_pixels_and_tag_mismatch(tmp_path):
     ex = row_to_example(row, where="r", base_dir=str(tmp_path), max_pixels=1280 * 28 * 28)
     w, h = ex["messages"][0]["content"][0]["image"].size
     assert w * h <= 1280 * 28 * 28 and abs(w / h - 4 / 3) < 0.1
+    assert decode_example(ex)["messages"][0]["content"][0]["image"].size == (w, h)
     with pytest.raises(DataError, match="2 <image> tags but 1 images"):
         row_to_example(dict(row, question="<image><image>q"), where="r", base_dir=str(tmp_path))
     ex = row_to_example(row, where="r", base_dir=str(tmp_path), suffix=BASELINE_SUFFIX)
     assert ex["messages"][0]["content"][-1]["text"].endswith(BASELINE_SUFFIX)
+
+
+def test_an_image_broken_past_its_header_is_found_in_the_step(tmp_path):
+    """A truncated PNG has a readable header (the load keeps the row: size known, no pixels
+    read) and fails when the step decodes it: that example is left out and named, the others
+    go on; the file is read at decode time, not held in memory."""
+    good, broken = _png_bytes("red", (300, 200)), _png_bytes("blue", (300, 200))
+    (tmp_path / "good.png").write_bytes(good)
+    (tmp_path / "cut.png").write_bytes(broken[: len(broken) // 2])
+    rows = [{"id": "a", "question": "q", "answer": "1", "image": "good.png"},
+            {"id": "b", "question": "q", "answer": "2", "image": "cut.png"},
+            {"id": "c", "question": "q", "answer": "3", "images": [base64.b64encode(good).decode()]}]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    examples, report = load_examples(str(path))
+    assert report.kept == 3 and not report.skipped
+    held = [e["messages"][0]["content"][0]["image"] for e in examples]
+    assert held[0].data == str(tmp_path / "good.png") and held[2].data == good
+    kept, bad = decode_examples(examples)
+    assert [e["id"] for e in kept] == ["a", "c"] and len(bad) == 1
+    assert bad[0].startswith(f"b: {path}:row 2: field image[0]: unreadable image")
+    assert kept[0]["messages"][0]["content"][0]["image"].getpixel((5, 5)) == (255, 0, 0)
+    with pytest.raises(DataError, match="row 2: field image"):
+        decode_example(examples[1])
+    # a decoded (PIL) example passes through unchanged
+    assert (
+        decode_example(kept[0])["messages"][0]["content"][0]["image"]
+        is (kept[0]["messages"][0]["content"][0]["image"])
+    )
 
 
 # --------------------------------------------------------------------------- synthetic task

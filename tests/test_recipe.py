@@ -1,0 +1,176 @@
+"""train.py's launch of the whole recipe: the default preset, the dry run, the missing-data stop,
+the data order (one permutation per epoch) and a step that leaves out a prompt whose image does
+not decode while the ranks stay in step."""
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+import train
+from data import dots_image
+from octopus import SEQUENCES, preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _old_prompts_of_step(n_examples, step, per_step, seed):
+    """The order as first written: one full shuffle per prompt (the reference)."""
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(pos, n_examples)
+        perm = list(range(n_examples))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.append(perm[k])
+    return out
+
+
+@pytest.mark.parametrize("n, per_step", [(10, 3), (7, 7), (5, 12), (64, 16)])
+def test_one_permutation_per_epoch_gives_the_same_order(n, per_step):
+    """Same indices as the per-prompt shuffle, steps across epoch ends included (resume stays
+    exact: a step's prompts depend on the step number only)."""
+    for seed in (0, 3):
+        for step in range(9):
+            assert train.prompts_of_step(n, step, per_step, seed) == _old_prompts_of_step(
+                n, step, per_step, seed
+            )
+
+
+def test_epoch_order_is_drawn_once():
+    train.epoch_order.cache_clear()
+    for step in range(40):
+        train.prompts_of_step(1000, step, 50, 0)  # 2 epochs
+    info = train.epoch_order.cache_info()
+    assert info.misses == 2 and info.hits == 38
+
+
+class _G:
+    def __init__(self, k):
+        self.k = k
+
+
+@pytest.mark.parametrize("groups, minis, sizes", [(64, 4, [16] * 4), (63, 4, [15, 16, 16, 16]),
+                                                   (5, 4, [1, 1, 1, 2]), (3, 1, [3])])  # fmt: skip
+def test_mini_batches_keep_every_group_and_none_is_empty(groups, minis, sizes):
+    cfg = preset("octopus-8b-stage1", prompts_per_step=128 * minis, mini_batch_prompts=128)
+    got = train.mini_batches_of([_G(k) for k in range(groups)], cfg)
+    assert [len(m) for m in got] == sizes
+    assert [g.k for m in got for g in m] == list(range(groups))
+
+
+def test_the_bare_command_is_the_recipe():
+    name, overrides, flags = train.parse_args([])
+    assert name == "octopus-8b" and overrides == {} and not any(flags.values())
+    stages = train.stage_configs(name, {})
+    assert [c.stage for c in stages] == ["sft", "1", "2"]
+    assert [c.out_dir for c in stages] == [f"runs/octopus-8b/stage-{s}" for s in ("sft", "1", "2")]
+    # each stage from the previous export; Stage I's reference is the cold-start model
+    assert stages[0].model == "Qwen/Qwen3-VL-8B-Instruct"
+    assert stages[1].model == "runs/octopus-8b/stage-sft/export"
+    assert stages[2].model == "runs/octopus-8b/stage-1/export"
+    sft, s1, s2 = stages
+    # the paper's settings (Sec. 4.1, 4.3, experimental setup)
+    assert (sft.lr, sft.epochs, sft.sft_max_len, sft.freeze_vision) == (1e-6, 1, 8192, False)
+    assert (s1.kl_coef, s1.n_rollouts, s1.n_train, s1.prompts_per_step) == (0.01, 8, 16, 512)
+    assert (s1.lr, s1.weight_decay, s1.warmup_steps, s1.epochs) == (1e-6, 0.1, 10, 5)
+    assert (s2.kl_coef, s2.augment, s2.max_prompt_len, s2.max_response_len) == (
+        0.0,
+        "paper",
+        2048,
+        6144,
+    )
+    assert (s1.val_temperature, s1.val_top_p) == (0.6, 0.95)
+    assert (sft.sft_data, s1.train_data, s1.val_data) == (
+        "data/coldstart.jsonl", "data/ViRL39K", "data/geometry3k"
+    )  # fmt: skip
+    assert SEQUENCES["octopus-8b"][1:] == ["octopus-8b-stage1", "octopus-8b-stage2"]
+
+
+def test_dry_run_prints_three_stages_without_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RANK", raising=False)
+    train.main(["--dry_run", "--lr", "2e-6"])
+    out, err = capsys.readouterr()
+    configs = [json.loads(line) for line in out.splitlines()]
+    assert [c["stage"] for c in configs] == ["sft", "1", "2"]
+    assert all(c["lr"] == 2e-6 for c in configs)
+    assert "not found: --sft_data data/coldstart.jsonl, --train_data data/ViRL39K" in err
+    # under torchrun only rank 0 prints
+    monkeypatch.setenv("RANK", "3")
+    train.main(["--dry_run"])
+    assert capsys.readouterr() == ("", "")
+
+
+def test_missing_data_stops_before_any_model_loads(tmp_path):
+    """One message naming the flags and the README section, no traceback, status 1 (0 under
+    torchrun, whose launcher would bury the message under its own traceback)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and '"Getting the data"' in lines[0]
+    assert (
+        "--sft_data data/coldstart.jsonl, --train_data data/ViRL39K, --val_data data/geometry3k"
+        in lines[0]
+    )
+    # with the RL prompts in place only what is still missing is named (under torchrun: 0)
+    (tmp_path / "data" / "ViRL39K").mkdir(parents=True)
+    proc = subprocess.run([*cmd, "--preset", "octopus-8b-stage1"], cwd=tmp_path,
+                          env=dict(env, TORCHELASTIC_RUN_ID="x"), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert "not found: --val_data data/geometry3k." in proc.stderr and "ViRL39K," not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_step_goes_on_without_a_prompt_whose_image_breaks(tiny_path, tmp_path):
+    """Stage I on 2 gloo ranks, 8 prompts per step in 2 mini-batches, one image truncated after
+    its header: the rank that draws it trains 3 groups (mini-batches of 1 and 2) while the other
+    trains 4 (2 and 2); both run the same collectives, the step completes and counts it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = random.Random(0)
+    lines = []
+    for i in range(8):
+        dots_image(i % 6 + 1, rng).save(data / f"{i}.png")
+        lines.append({"id": f"r{i}", "question": "<image>How many dots are in the image?",
+                      "answer": str(i % 6 + 1), "image": f"{i}.png"})  # fmt: skip
+    whole = (data / "3.png").read_bytes()
+    (data / "3.png").write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(29900 + os.getpid() % 90), os.path.join(ROOT, "train.py"), "--preset", "demo-1",
+           "--model", tiny_path, "--train_data", str(data / "train.jsonl"), "--val_data", "",
+           "--out_dir", str(out), "--max_steps", "1", "--prompts_per_step", "8",
+           "--mini_batch_prompts", "4", "--dump_every", "0", "--save_every", "0",
+           "--export", "false", "--max_response_len", "48"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 1 and row["bad_images"] == 1 and row["data_skipped"] == 0
+    assert row["samples_per_prompt"] > 0
+    assert "1 prompts left out, an image does not decode: r3:" in proc.stderr
+    assert "train.jsonl:row 4: field image[0]: unreadable image" in proc.stderr
+
+
+def test_no_image_bytes_are_decoded_at_load(tmp_path, processor):
+    """load_split keeps images encoded: the prompt-length filter reads sizes from headers."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), "white").save(buf, format="JPEG")
+    (tmp_path / "a.jpg").write_bytes(buf.getvalue())
+    rows = [{"id": "a", "question": "<image>q", "answer": "1", "image": "a.jpg"}]
+    (tmp_path / "d.jsonl").write_text(json.dumps(rows[0]))
+    cfg = preset("octopus-8b-stage1")
+    examples, skipped = train.load_split(str(tmp_path / "d.jsonl"), cfg, processor, seed=0)
+    image = examples[0]["messages"][0]["content"][0]["image"]
+    assert skipped == 0 and type(image).__name__ == "EncodedImage" and image.size == (640, 480)
