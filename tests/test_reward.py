@@ -303,10 +303,6 @@ def test_not_equivalent(pred, truth):
     assert not is_equivalent(pred, truth)
 
 
-def test_at_least_100_equivalence_cases():
-    assert len(EQUIVALENT) + len(NOT_EQUIVALENT) >= 100
-
-
 # --------------------------------------------------------------------------- adversarial
 
 
@@ -371,8 +367,12 @@ def test_malformed_responses_never_crash_scoring():
         "\\boxed{\\boxed{\\boxed{1}}}",
         "\ud800" * 3,
     ]
-    for s in score_batch(junk, ["1"] * len(junk)):
-        assert -0.5 <= s.reward <= 1.0
+    # no correction: 0.9 (acc - 0.5) + 0.1 fmt, wrong and unformatted: -0.45; SC * 50 is a
+    # correction from an o1 without a box (r' = 0, fmt 0): 0.0; the innermost of nested boxes
+    # is the answer, 1, right but unformatted: 0.45
+    expected = [-0.45] * 5 + [0.0, -0.45, 0.45, -0.45]
+    got = [s.reward for s in score_batch(junk, ["1"] * len(junk))]
+    assert got == pytest.approx(expected)
 
 
 # --------------------------------------------------------------------------- linear time
