@@ -102,18 +102,23 @@ def test_gpu_commands_parse(command, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", CPU_COMMANDS)
-def test_cpu_commands_run(command, tiny_path, tmp_path):
+def test_cpu_commands_run(command, tiny_path, tmp_path, monkeypatch, capsys):
     if ".ci/cpu-env" in command or "pytest" in command:
         pytest.skip("installation / this test suite")
     launcher, script, args = script_and_args(command)
-    if script == "train.py" and "demo" in args:
-        args = [*args, "--dry_run"]  # the demo's stages run in test_train.py
-    else:
-        args = [tiny_path if DEMO_EXPORT.match(a) else a for a in args]
-        args = [
-            str(tmp_path / "out") if i and args[i - 1] == "--out" else a for i, a in enumerate(args)
-        ]
-        args += SMALL[script]
+    if script == "train.py" and "demo" in args:  # the demo's stages run in test_train.py
+        nproc = [w.split("=")[1] for w in launcher if w.startswith("--nproc_per_node=")]
+        monkeypatch.setenv("WORLD_SIZE", nproc[0] if nproc else "1")
+        import train
+
+        train.main([*args, "--dry_run"])  # in process: resolved and checked, nothing run
+        assert len(capsys.readouterr().out.splitlines()) == len(train.stage_configs("demo", {}))
+        return
+    args = [tiny_path if DEMO_EXPORT.match(a) else a for a in args]
+    args = [
+        str(tmp_path / "out") if i and args[i - 1] == "--out" else a for i, a in enumerate(args)
+    ]
+    args += SMALL[script]
     if launcher[0].endswith("torchrun"):
         # --standalone: a free port, so two test sessions on one machine never meet
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", *launcher[1:]]

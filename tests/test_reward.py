@@ -59,7 +59,9 @@ def test_extract_boxed_deeply_nested_and_huge_is_fast():
     t = time.monotonic()
     assert extract_boxed(deep) == "{" * 5000 + "x" + "}" * 5000
     assert extract_boxed("\\boxed{" + "{" * 100_000) is None  # unbalanced
-    assert time.monotonic() - t < 1.0
+    # linear: milliseconds; a quadratic scan of the 100k braces: hours. Loose enough for a
+    # loaded machine
+    assert time.monotonic() - t < 10.0
 
 
 # --------------------------------------------------------------------------- format
@@ -339,7 +341,8 @@ def test_code_injection_is_never_executed(tmp_path):
 def test_adversarial_answers_return_in_bounded_time(pred):
     t = time.monotonic()
     assert not is_equivalent(pred, "1", timeout_s=2.0)
-    assert time.monotonic() - t < 2.0 + 5.0  # deadline + a worker respawn, never a hang
+    # the 2 s deadline + a worker respawn (seconds on a loaded machine), never a hang
+    assert time.monotonic() - t < 2.0 + 30.0
 
 
 def test_long_answers_are_not_parsed():
