@@ -223,6 +223,10 @@ def checkpoint_round_trip(processor, device) -> dict:
     return {"step": at, "same": same, "changed": changed, "grad_norms": norms}
 
 
+# The resumed runs' schedule: 2 warm-up steps, then cosine to 0 at step 3. Its factors at steps
+# 0, 1, 2 are 1/3, 2/3, 1: a resume that lost the scheduler's state would run step 3 at 1/3.
+SCHEDULE = dict(lr_schedule="cosine", warmup_steps=2)
+
 if mode in ("stages", "run", "resume"):
     train.score_batch = varying_reward(train.score_batch)
 if mode == "stages":  # every stage runs a few steps, Stage II on a file with bad rows
@@ -238,11 +242,11 @@ if mode == "stages":  # every stage runs a few steps, Stage II on a file with ba
     engine = train.run_sequence(stages)
     engine.close()
 elif mode == "run":  # one Stage II run, a checkpoint after every step
-    cfg = small("demo-2", max_steps=int(sys.argv[4]), save_every=1, lr_schedule="cosine")
+    cfg = small("demo-2", max_steps=int(sys.argv[4]), save_every=1, **SCHEDULE)
     _, engine = train.run_stage(cfg)
     engine.close()
 elif mode == "resume":  # the newest checkpoint of OUT to step 3; then --export_only of another
-    cfg = small("demo-2", max_steps=3, resume=True, lr_schedule="cosine")
+    cfg = small("demo-2", max_steps=3, resume=True, **SCHEDULE)
     _, engine = train.run_stage(cfg)
     name, overrides, flags = train.parse_args(
         ["--preset", "demo-2", "--model", tiny, "--out_dir", sys.argv[4], "--export_only"]
