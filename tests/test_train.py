@@ -471,6 +471,8 @@ def test_export_only_exports_and_trains_nothing(monkeypatch):
     called = []
     monkeypatch.setattr(train, "export_only", lambda cfg: called.append(("export", cfg.out_dir)))
     monkeypatch.setattr(train, "run_sequence", lambda stages: called.append(("train", None)))
+    # main ends by destroying the process group: not this session's (the shared engine's)
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda *a: None)
     train.main(["--preset", "demo", "--export_only", "--out_dir", "x"])
     assert called == [("export", os.path.join("x", "stage-2"))]  # a sequence: its last stage
 
