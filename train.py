@@ -669,7 +669,8 @@ def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Traine
     validates = bool(cfg.val_data and cfg.val_every)  # --val_every 0: val_data is not read
     val = load_split(cfg.val_data, cfg, processor, seed=cfg.seed + 1)[0] if validates else []
     if not train:
-        raise SystemExit(f"[{cfg.stage}] no usable training rows ({skipped} skipped)")
+        data = cfg.sft_data if sft else cfg.train_data
+        raise SystemExit(f"[{cfg.stage}] {data}: no usable training rows ({skipped} skipped)")
     per_step = cfg.sft_batch if sft else cfg.prompts_per_step
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train) / per_step)
 

@@ -12,7 +12,6 @@ from data import load_examples, synthetic_task
 from octopus import OCTOPUS_SUFFIX, SC, split_response
 from rollout import Generation
 
-pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,6 +35,7 @@ class ScriptedStrong:
         return out
 
 
+@pytest.mark.slow
 def test_mixed_sampling_filters_and_writes_sft_rows(engine, processor, tiny_path, tmp_path):
     from rollout import Sampling
 
@@ -64,7 +64,7 @@ def test_mixed_sampling_filters_and_writes_sft_rows(engine, processor, tiny_path
         assert r["messages"][0]["content"][0]["type"] == "image"
     # train.py's SFT stage trains on the file
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port", "29777",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            os.path.join(ROOT, "train.py"), "--preset", "sft", "--model", tiny_path,
            "--sft_data", str(out), "--out_dir", str(tmp_path / "sft"), "--sft_batch", "2", "--max_steps", "2",
            "--lr", "1e-4", "--kv_cache_gb", "0.1", "--max_prompt_len", "384", "--max_response_len", "64",
@@ -89,6 +89,7 @@ class _BoxingPolicy:
         return groups
 
 
+@pytest.mark.slow
 def test_in_distribution_cli_runs_end_to_end(tiny_path, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     out = tmp_path / "id.jsonl"
@@ -99,12 +100,9 @@ def test_in_distribution_cli_runs_end_to_end(tiny_path, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     counts = json.load(open(str(out) + ".counts.json"))
     assert counts["inputs"] == 2 and counts["o1_samples"] == 4
-    assert (
-        counts["written"]
-        <= counts["o2_correct"]
-        <= counts["o2_well_formed"]
-        <= counts["o2_generated"]
-    )
+    # the counts describe the file: one o2 asked for per o1 with an answer, one line per row kept
+    assert counts["o2_generated"] == counts["o1_with_answer"] <= counts["o1_samples"]
+    assert counts["written"] == len(open(out).read().splitlines())
 
 
 class RecordingEngine:
@@ -169,6 +167,7 @@ def test_o1_prompt_and_sampling_flags(monkeypatch, tmp_path, tiny_path, capsys):
     assert (o1.temperature, o1.top_k, o1.max_tokens, o2.temperature) == (1.0, 0, 64, 0.3)
 
 
+@pytest.mark.slow
 def test_help_exits_0_without_work(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "coldstart.py"), "--help"], env=env,

@@ -125,8 +125,11 @@ def test_every_mode_runs_on_vllm(engine, processor, monkeypatch):
             engine, processor, examples, n=2, sampling=sampling, direct=direct, sc_rounds=rounds
         )
         assert len(recs) == 6 and all(len(r["rounds"]) >= 1 + rounds for r in recs)
+        # each round samples at most max_tokens, and the record is graded from its own text
+        assert all(1 <= r["tokens"] <= 12 * (1 + rounds) for r in recs)
+        assert all(r["rounds"] == ev.grade_rounds(r["response"], r["truth"]) for r in recs)
         s = ev.summarize(recs)
-        assert 0 <= s["acc@2"] <= 1 and set(s["pass@k"]) == {"1", "2"}
+        assert s["samples"] == 6 and set(s["pass@k"]) == {"1", "2"}
         if direct:
             assert all("<self-correction>" not in r["response"] for r in recs)
     # forced rounds append exactly SC after the previous answer and continue from there
@@ -179,12 +182,44 @@ def test_forced_rounds_stop_when_the_context_is_full(processor):
     assert len(rec["rounds"]) == 2 and rec["tokens"] == 200
 
 
+def test_direct_stops_sampling_at_the_correction_tag(processor):
+    """--direct asks the engine to stop at `<self-correction>`: nothing after o1 is sampled or
+    counted (cutting the text afterwards alone would still spend, and count, the o2 tokens)."""
+    tok = processor.tokenizer
+    full = box(2) + SC + box(3)
+
+    class Honours:
+        """Samples `full` and applies stop strings as vLLM does: the text ends before the
+        first stop string, and only the tokens up to it are sampled."""
+
+        max_model_len = 4096
+
+        def generate(self, prompts, n, sampling, prefixes=None):
+            cut = min([full.index(s) for s in sampling.stop if s in full], default=len(full))
+            ids = tok.encode(full[:cut], add_special_tokens=False)
+            return [[Generation(ids, [-1.0] * len(ids), full[:cut], "stop")] * n for _ in prompts]
+
+    from rollout import Sampling
+
+    examples = [{**ev.load_eval_data("synthetic:1")[0], "answer": "3"}]
+    for direct in (True, False):
+        rec = ev.run(Honours(), processor, examples, n=1, sampling=Sampling(), direct=direct,
+                     sc_rounds=0)[0]  # fmt: skip
+        if direct:  # o1 alone, wrong, and only its tokens spent
+            assert rec["response"] == box(2) and [r["correct"] for r in rec["rounds"]] == [False]
+            assert rec["tokens"] == len(tok.encode(full.split("<self-correction>")[0]))
+        else:  # the model corrects itself: 2 -> 3
+            assert [r["correct"] for r in rec["rounds"]] == [False, True]
+            assert rec["tokens"] == len(tok.encode(full)) > len(tok.encode(box(2))) + 5
+
+
 def test_fit_max_tokens():
     assert ev.fit_max_tokens(16384, 32768, 1000) == 16384
     assert ev.fit_max_tokens(16384, 4096, 180) == 3916
     assert ev.fit_max_tokens(100, 4096, 5000) == 0
 
 
+@pytest.mark.slow  # a Python process
 def test_help_exits_0_without_work(tmp_path):
     proc = cli("--help")
     assert (

@@ -241,11 +241,17 @@ def test_token_logprobs_backward_is_linear_in_rows():
 # --------------------------------------------------------------------------- split invariance
 
 
-def _grad_by_splits(splits, ratio, agg, seed=11, stage1=False):
-    logp, old, adv, mask = random_batch(seed, B=14, T=7)
-    ref = old - 0.05
+def _kl_part(old, mask):
+    """A reference and a KL mask that differ from the policy's: the first two tokens where the
+    policy mask is 0 (o1's end in Stage I), so the two normalizers differ."""
     kl_mask = torch.zeros_like(mask)
     kl_mask[:, :2] = 1 - mask[:, :2]
+    return old - 0.05, kl_mask
+
+
+def _grad_by_splits(splits, ratio, agg, seed=11, stage1=False):
+    logp, old, adv, mask = random_batch(seed, B=14, T=7)
+    ref, kl_mask = _kl_part(old, mask)
     x = logp.clone().requires_grad_(True)
     kw = dict(ratio=ratio, clip_low=0.2, clip_high=0.28, agg=agg)
     pol_norm, kl_norm = count_for(mask, agg), count_for(kl_mask, agg)  # of the whole mini-batch
@@ -269,14 +275,18 @@ def test_accumulated_gradient_does_not_depend_on_the_split(ratio, agg, stage1):
     whole = _grad_by_splits(1, ratio, agg, stage1=stage1)
     for splits in (2, 3, 7):
         assert torch.allclose(_grad_by_splits(splits, ratio, agg, stage1=stage1), whole, atol=1e-6)
-    # and the one-piece accumulation is the plain mean loss's gradient
+    # and the one-piece accumulation is the plain mean loss's gradient (Stage I: each term over
+    # its own mask's count of the batch)
     logp, old, adv, mask = random_batch(11, B=14, T=7)
-    if not stage1:
-        x = logp.clone().requires_grad_(True)
-        policy_loss(x, old, adv, mask, ratio=ratio, clip_low=0.2, clip_high=0.28, agg=agg)[
-            0
-        ].backward()
-        assert torch.allclose(x.grad, whole, atol=1e-12)
+    x = logp.clone().requires_grad_(True)
+    kw = dict(ratio=ratio, clip_low=0.2, clip_high=0.28, agg=agg)
+    if stage1:
+        ref, kl_mask = _kl_part(old, mask)
+        assert count_for(kl_mask, agg) != count_for(mask, agg)
+        stage1_loss(x, old, ref, adv, mask, kl_mask, **kw)[0].backward()
+    else:
+        policy_loss(x, old, adv, mask, **kw)[0].backward()
+    assert torch.allclose(x.grad, whole, atol=1e-12)
 
 
 def test_bad_arguments():

@@ -102,6 +102,7 @@ def test_logits_terms_by_hand():
     assert u["backward, LM head"] == 60000 + 3000 * 4 * 2
 
 
+@pytest.mark.slow  # a 3000 x 32000 logits forward and backward
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux peak RSS")
 def test_logits_terms_match_a_measurement():
     """loss.token_logprobs behind a linear head, forward + backward over two chunks: the peak

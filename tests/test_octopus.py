@@ -1,5 +1,7 @@
 """The self-correction format (arXiv 2602.08503, Sec. 3) and the Config presets."""
 
+import re
+
 import pytest
 
 from octopus import (
@@ -14,18 +16,20 @@ from octopus import (
 )
 
 
-def test_sc_and_suffixes_are_verbatim():
-    assert SC == "\n\n<self-correction>\n</self-correction>\n\n"
-    assert OCTOPUS_SUFFIX.startswith("\n\nYou first think through your reasoning process")
+def test_sc_is_the_empty_tag_pair_the_suffix_asks_for():
+    asked = re.search(r"generate (<self-correction>.*?</self-correction>) tags", OCTOPUS_SUFFIX)
+    assert asked and re.sub(r"\s", "", SC) == re.sub(r"\s", "", asked.group(1))
     assert OCTOPUS_SUFFIX.endswith("All reasoning, answer steps must be included without omission.")
-    assert (
-        "generate <self-correction> </self-correction> tags enclosed with no content"
-        in OCTOPUS_SUFFIX
-    )
-    assert BASELINE_SUFFIX == (
-        "\n\nYou first think through the reasoning process as an internal monologue, enclosed "
-        "within <think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."
-    )
+    # SC is the pair between blank lines, and the blank lines belong to it: o1 and o2 end and
+    # start at the tags
+    o1, o2 = "<think>a</think>\\boxed{1}", "<think>b</think>\\boxed{2}"
+    assert sc_span(o1 + SC + o2) == (len(o1) + 2, len(o1 + SC))
+    assert SC.startswith("\n\n<") and SC.endswith(">\n\n") and SC.count("\n") == 5
+
+
+def test_baseline_suffix_asks_for_the_graded_format_and_no_correction():
+    assert "self-correction" not in BASELINE_SUFFIX
+    assert "<think> </think>" in BASELINE_SUFFIX and "\\boxed{}" in BASELINE_SUFFIX
 
 
 def test_split_plain_sc():

@@ -28,8 +28,8 @@ SMALL = {
     "bench/reward_throughput.py": ["--responses", "200", "--degenerate_chars", "1000"],
     "bench/augment_overhead.py": ["--prompts", "4", "--tokens", "64"],
     "bench/memory_plan.py": [],
-    # two arms: test_toy_replication.py runs the smoke of more
-    "bench/toy_replication.py": ["--smoke", "--arms", "octopus,sft-only"],
+    # parsed only: test_toy_replication.py runs the smoke of every arm (a superset of this run)
+    "bench/toy_replication.py": ["--help"],
     "bench/peer_trl.py": ["--help"],  # needs TRL (a bench-only extra); parsed only
 }
 DEMO_EXPORT = re.compile(r"^runs/demo/stage-[a-z0-9]+/export$")
@@ -135,23 +135,28 @@ def test_gpu_commands_parse(command, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", CPU_COMMANDS)
-def test_cpu_commands_run(command, tiny_path, tmp_path):
+def test_cpu_commands_run(command, tiny_path, tmp_path, monkeypatch, capsys):
     if ".ci/cpu-env" in command or "pytest" in command:
         pytest.skip("installation / this test suite")
     launcher, script, args = script_and_args(command)
-    if script == "train.py":
-        args = [*args, "--dry_run"]  # the demo's stages (and others') run in test_train.py
-    else:
-        args = [tiny_path if DEMO_EXPORT.match(a) else a for a in args]
-        args = [
-            str(tmp_path / "out") if i and args[i - 1] == "--out" else a for i, a in enumerate(args)
-        ]
-        args += SMALL[script]
-        if script == "bench/toy_replication.py":  # its cache of models, not the repository's
-            args += ["--work", str(tmp_path / "work")]
+    if script == "train.py":  # its runs are test_train.py's: here resolved and checked in process
+        nproc = [w.split("=")[1] for w in launcher if w.startswith("--nproc_per_node=")]
+        monkeypatch.setenv("WORLD_SIZE", nproc[0] if nproc else "1")
+        import train
+
+        train.main([*args, "--dry_run"])  # nothing loads, nothing runs
+        name, overrides, _ = train.parse_args(args)
+        stages = train.stage_configs(name, overrides)
+        assert len(capsys.readouterr().out.splitlines()) == len(stages)
+        return
+    args = [tiny_path if DEMO_EXPORT.match(a) else a for a in args]
+    args = [
+        str(tmp_path / "out") if i and args[i - 1] == "--out" else a for i, a in enumerate(args)
+    ]
+    args += SMALL[script]
     if launcher[0].endswith("torchrun"):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--master_port",
-                    str(29200 + os.getpid() % 500), *launcher[1:]]  # fmt: skip
+        # --standalone: a free port, so two test sessions on one machine never meet
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", *launcher[1:]]
     else:
         launcher = [sys.executable, *launcher[1:]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -184,6 +189,7 @@ SCRIPTS = ["train.py", "eval.py", "coldstart.py", "tiny.py"] + sorted(
 )
 
 
+@pytest.mark.slow  # a Python process per script, most of them importing torch
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_has_help_that_does_no_work(script, tmp_path):
     before = set(os.listdir(tmp_path))

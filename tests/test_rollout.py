@@ -25,7 +25,6 @@ from rollout import (
     render_prompt,
 )
 
-pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -56,6 +55,7 @@ def hf_logprobs(model, processor, prompt: dict, response: list[int]) -> torch.Te
     return torch.log_softmax(logits, -1).gather(-1, resp[0, :, None])[:, 0]
 
 
+@pytest.mark.slow
 def test_sampling_n_with_images(engine, prompts):
     groups = engine.generate(prompts, 3, Sampling(max_tokens=12))
     assert len(groups) == 4 and all(len(g) == 3 for g in groups)
@@ -66,6 +66,7 @@ def test_sampling_n_with_images(engine, prompts):
         assert len({tuple(gen.ids) for gen in g}) == 3  # n distinct samples, not one repeated
 
 
+@pytest.mark.slow
 def test_engine_logprobs_equal_transformers_forward(engine, prompts, processor, hf_model):
     groups = engine.generate(prompts[:2], 2, Sampling(max_tokens=24))
     worst = 0.0
@@ -78,6 +79,7 @@ def test_engine_logprobs_equal_transformers_forward(engine, prompts, processor, 
     assert worst < 1e-4, worst
 
 
+@pytest.mark.slow
 def test_sync_weights_changes_output_and_restores_bit_for_bit(engine, prompts, hf_model):
     greedy = Sampling(temperature=0.0, max_tokens=16)
     before = engine.generate(prompts[:2], 1, greedy)
@@ -85,20 +87,23 @@ def test_sync_weights_changes_output_and_restores_bit_for_bit(engine, prompts, h
     gen = torch.Generator().manual_seed(0)
     changed = {k: v + 0.5 * torch.randn(v.shape, generator=gen) if v.dim() == 2 else v
                for k, v in original.items()}  # fmt: skip
-    engine.sync_weights(changed.items())
-    after = engine.generate(prompts[:2], 1, greedy)
-    assert [g[0].ids for g in after] != [g[0].ids for g in before]
     # names as an FSDP / checkpoint-wrapped trainer would give them map back to the checkpoint
     wrapped = {
         k.replace("layers.0.", "layers.0._checkpoint_wrapped_module."): v
         for k, v in original.items()
     }
-    engine.sync_weights(wrapped.items())
+    try:
+        engine.sync_weights(changed.items())
+        after = engine.generate(prompts[:2], 1, greedy)
+    finally:  # the engine is shared by the whole session: its weights go back whatever happens
+        engine.sync_weights(wrapped.items())
+    assert [g[0].ids for g in after] != [g[0].ids for g in before]
     restored = engine.generate(prompts[:2], 1, greedy)
     assert [g[0].ids for g in restored] == [g[0].ids for g in before]
     assert [g[0].logprobs for g in restored] == [g[0].logprobs for g in before]
 
 
+@pytest.mark.slow
 def test_no_vision_token_is_ever_sampled(engine, prompts, tokenizer):
     forbidden = set(tokenizer.convert_tokens_to_ids(list(FORBIDDEN_TOKENS)))
     groups = engine.generate(prompts, 250, Sampling(max_tokens=24))
@@ -110,6 +115,7 @@ def test_no_vision_token_is_ever_sampled(engine, prompts, tokenizer):
     assert vocab_share * sum(map(len, sequences)) > 20
 
 
+@pytest.mark.slow
 def test_stop_strings_and_prefix_continuation(engine, prompts, tokenizer):
     greedy = Sampling(temperature=0.0, max_tokens=30)
     full = engine.generate(prompts[:1], 1, greedy)[0][0]
@@ -144,13 +150,18 @@ def run_engines(mode: str, tiny_path: str, out_dir, nproc: int = 0) -> None:
     """tests/torchrun_engines.py in a process of its own (under torchrun when `nproc`)."""
     script = os.path.join(ROOT, "tests", "torchrun_engines.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=ROOT)
-    launch = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else []
+    launch = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc
+        else []
+    )
     cmd = [sys.executable, *launch, script, mode, tiny_path, str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_each_with_its_own_engine(tiny_path, tmp_path):
     run_engines("ranks", tiny_path, tmp_path, nproc=2)
     results = [open(tmp_path / f"rank{r}.txt").read().split("\n") for r in (0, 1)]
@@ -163,6 +174,7 @@ def test_torchrun_two_ranks_each_with_its_own_engine(tiny_path, tmp_path):
     assert results[0][3] != results[1][3]  # each rank sampled for its own prompts
 
 
+@pytest.mark.slow
 def test_dummy_engine_synced_equals_loaded_one_and_takes_two_images(
     engine, prompts, processor, hf_model, tiny_path, tmp_path
 ):
@@ -264,6 +276,7 @@ def test_tensor_parallel_under_torchrun_is_refused(tiny_path, monkeypatch):
         VLLMEngine(tiny_path, tensor_parallel=2)  # refused before any engine starts
 
 
+@pytest.mark.slow
 def test_sleep_state_and_cache_reset_on_every_device(engine, prompts, hf_model):
     core = engine.llm.llm_engine.engine_core.engine_core  # in process (vLLM 0.32)
     encoder = core.scheduler.encoder_cache_manager

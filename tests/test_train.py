@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -13,17 +14,20 @@ import torch
 import fsdp
 import train
 from data import dots_image
-from octopus import preset
+from octopus import SC, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(nproc: int, *args: str) -> str:
+    """tests/torchrun_train.py under torchrun; `--standalone` picks a free port, so two test
+    sessions on one machine never meet."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_port", str(29400 + os.getpid() % 500), os.path.join(ROOT, "tests", "torchrun_train.py"), *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "tests", "torchrun_train.py"), *args]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
+    if proc.returncode:
+        pytest.fail(f"{' '.join(args[:1])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout + proc.stderr
 
 
@@ -44,36 +48,115 @@ def dots_rows(data, n: int, images_per_row: int, rng: random.Random) -> list[dic
     return out
 
 
-@pytest.mark.slow
-def test_each_stage_runs_and_bad_rows_are_counted(tiny_path, tmp_path):
-    data = tmp_path / "data"
+def weights(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def moved(a: dict, b: dict) -> float:
+    """The largest change of any weight between two checkpoints."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# Expensive runs, each launched once and shared by the tests that read it. The RL stages grade
+# with tests/torchrun_train.py's varying reward: advantages are non-zero and the weights move, and
+# every test below checks that first.
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_path, tmp_path_factory):
+    """Cold start (3 steps) -> Stage I (2) -> Stage II (3, KL on every response token) on 2
+    ranks. Stage II's file mixes rows with two images, text-only rows (one rank's micro-batch
+    can have images while the other's has none: the vision tower must still run in step on
+    both), a prompt over --max_prompt_len, an unreadable image and a row without an answer."""
+    root = tmp_path_factory.mktemp("stages")
+    data = root / "data"
     data.mkdir()
-    lines = dots_rows(data, 8, 1, random.Random(0))
+    lines = dots_rows(data, 4, 2, random.Random(0))
+    lines += [
+        {"id": f"text-{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)
+    ]
+    lines.append({"id": "too-long", "question": "count " * 400, "answer": "1"})
     (data / "corrupt.png").write_bytes(b"\x89PNG not really")
     lines.append({"question": "<image>How many?", "answer": "2", "image": "corrupt.png"})
     lines.append({"question": "<image>How many?", "image": "0.png"})  # no answer
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
-    out = tmp_path / "run"
-    torchrun(2, "stages", str(out), tiny_path, str(data / "train.jsonl"))
-    for stage, steps in (("sft", 3), ("1", 2), ("2", 2)):
+    out = root / "run"
+    log = torchrun(2, "stages", str(out), tiny_path, str(data / "train.jsonl"))
+    return out, log
+
+
+@pytest.fixture(scope="module")
+def checks(tiny_path, tmp_path_factory):
+    """The fixed-group checks of tests/torchrun_train.py on 1 rank, then on 2."""
+    out = tmp_path_factory.mktemp("checks")
+    torchrun(1, "checks", str(out), tiny_path)
+    torchrun(2, "checks", str(out), tiny_path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(tiny_path, tmp_path_factory):
+    """A 3-step Stage II run with a checkpoint every step (`full`); its step-2 checkpoint copied
+    to `cut` and resumed there to step 3; its step-3 checkpoint copied to `exported` and turned
+    into an HF folder by --export_only."""
+    root = tmp_path_factory.mktemp("resume")
+    full, cut, exported = root / "full", root / "cut", root / "exported"
+    torchrun(2, "run", str(full), tiny_path, "3")
+    shutil.copytree(full / "checkpoints" / "step_000002", cut / "checkpoints" / "step_000002")
+    shutil.copytree(full / "checkpoints" / "step_000003", exported / "checkpoints" / "step_000003")
+    (cut / "metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in rows(full / "metrics.jsonl")[:2]))  # fmt: skip
+    # a crash while saving step 4 left a half-written checkpoint: it must be ignored
+    os.makedirs(cut / "checkpoints" / "step_000004.tmp")
+    os.makedirs(cut / "checkpoints" / "step_000005")  # no trainer.json: incomplete
+    assert fsdp.latest_checkpoint(str(cut)).endswith("step_000002")
+    torchrun(2, "resume", str(cut), tiny_path, str(exported))
+    return full, cut, exported
+
+
+@pytest.mark.slow
+def test_each_stage_learns_and_bad_rows_are_counted(stages, tiny_path):
+    out, log = stages
+    for stage, steps in (("sft", 3), ("1", 2), ("2", 3)):
         got = rows(out / f"stage-{stage}" / "metrics.jsonl")
+        assert all(r["grad_norm"] > 1e-3 for r in got), [r["grad_norm"] for r in got]
         assert [r["step"] for r in got] == list(range(1, steps + 1)) and all(
             r["stage"] == stage for r in got
         )
         for r in got:
             assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
         assert os.path.exists(out / f"stage-{stage}" / "export" / "model.safetensors")
-    rl = rows(out / "stage-1" / "metrics.jsonl")
+    # each stage moved the weights it started from
+    starts = [tiny_path, *(out / f"stage-{s}" / "export" for s in ("sft", "1", "2"))]
+    assert all(
+        moved(weights(a), weights(b)) > 1e-4 for a, b in zip(starts, starts[1:], strict=False)
+    )
+    rl = rows(out / "stage-1" / "metrics.jsonl") + rows(out / "stage-2" / "metrics.jsonl")
     needed = {"reward", "format", "acc_o1", "acc_final", "gen_wc", "train_wc", "clip_low", "clip_high",
               "kl_o1", "grad_norm", "lr", "logprob_gap", "time_generate", "time_score", "time_augment",
               "time_logprobs", "time_update", "time_sync", "response_len", "val_acc_final",
               "splice_too_long"}  # fmt: skip
-    assert needed <= set(rl[-1]), needed - set(rl[-1])
-    # the engine serves the trainer's weights: its log-probs match the trainer's old log-probs
-    assert all(r["logprob_gap"] < 1e-3 for r in rl)
+    assert needed <= set(rl[1]), needed - set(rl[1])
+    # the engine serves the trainer's newest weights at every step, though they move each step:
+    # its log-probs match the trainer's old log-probs (exactly, here: 0.0 on CPU in fp32)
+    assert all(r["logprob_gap"] < 1e-3 for r in rl), [r["logprob_gap"] for r in rl]
     # n = 4 generated, up to N = 8 trained: a 3-step cold start seldom gives splicable parts
     assert all(4 <= r["samples_per_prompt"] <= 8 for r in rl)
-    assert rows(out / "stage-2" / "metrics.jsonl")[-1]["data_skipped"] == 2
+    # kl_tokens="response" in Stage II: a KL on every token to the stage's start (0 in a step's
+    # first mini-batch only, at the start; Stage II's default has none)
+    s2 = rows(out / "stage-2" / "metrics.jsonl")
+    assert all(r["kl_o1"] > 1e-5 for r in s2), [r["kl_o1"] for r in s2]
+    # Stage II's file: 3 rows skipped at load, the too-long one named with the flag's value
+    assert all(r["data_skipped"] == 3 for r in s2)
+    assert "too-long" in log and "--max_prompt_len 300" in log
+    # some mini-batch put an image prompt on one rank and a text prompt on the other
+    cfg = preset("demo-2", prompts_per_step=4, mini_batch_prompts=2)
+    order = [train.prompts_of_step(8, s, 4, cfg.seed) for s in range(3)]
+    has_image = [[i < 4 for i in o] for o in order]  # rows 0-3 have images (load order)
+    assert any(h[k] != h[k + 1] for h in has_image for k in (0, 2))
     # the cold start keeps the engine asleep through its updates (it wakes only to validate)
     assert all(r["engine_asleep"] == 1.0 for r in rows(out / "stage-sft" / "metrics.jsonl"))
     # --keep_checkpoints 2 with a checkpoint every step: only the newest two are left
@@ -84,101 +167,95 @@ def test_each_stage_runs_and_bad_rows_are_counted(tiny_path, tmp_path):
     assert len(dumped) == 2 * 2  # 2 steps x --dump_groups 2 (rank 0 holds 2 of the 4 prompts)
     sample = dumped[0]["samples"][0]
     assert {"kind", "reward", "advantage", "trains", "trained_text"} <= set(sample)
+    assert any(s["advantage"] != 0 for d in dumped for s in d["samples"])
 
 
 @pytest.mark.slow
-def test_gradient_is_the_same_on_one_and_two_ranks(tiny_path, tmp_path):
+def test_gradient_is_the_same_on_one_and_two_ranks(checks):
     # different token budgets and packings too: the micro-batches differ as well as the ranks
     one = "600:seq:shared,250:token:shared,400:seq:per_sample"
     two = "1200:seq:shared,500:token:shared,300:seq:per_sample"
-    torchrun(1, "grads", str(tmp_path), tiny_path, one)
-    torchrun(2, "grads", str(tmp_path), tiny_path, two)
     for a, b in zip(one.split(","), two.split(","), strict=True):
-        ga = torch.load(tmp_path / f"grads_world1_{a.replace(':', '_')}.pt")
-        gb = torch.load(tmp_path / f"grads_world2_{b.replace(':', '_')}.pt")
+        ga = torch.load(checks / f"grads_world1_{a.replace(':', '_')}.pt")
+        gb = torch.load(checks / f"grads_world2_{b.replace(':', '_')}.pt")
         assert ga.keys() == gb.keys() and len(ga) > 50
         worst = max((ga[k] - gb[k]).abs().max().item() for k in ga)
         scale = max(ga[k].abs().max().item() for k in ga)
-        assert scale > 0 and worst < 1e-6 * max(scale, 1.0), (a, b, worst, scale)
+        assert scale > 1e-4 and worst < 1e-6 * max(scale, 1.0), (a, b, worst, scale)
     # shared and per-sample prompts give the same gradient (seq aggregation, two budgets)
-    shared = torch.load(tmp_path / "grads_world1_600_seq_shared.pt")
-    per_sample = torch.load(tmp_path / "grads_world1_400_seq_per_sample.pt")
+    shared = torch.load(checks / "grads_world1_600_seq_shared.pt")
+    per_sample = torch.load(checks / "grads_world1_400_seq_per_sample.pt")
     worst = max((shared[k] - per_sample[k]).abs().max().item() for k in shared)
     assert worst < 1e-5, worst
 
 
 @pytest.mark.slow
-def test_resume_matches_an_uninterrupted_run(tiny_path, tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    torchrun(2, "run", str(full), tiny_path, "3", "0", "0")
-    torchrun(2, "run", str(cut), tiny_path, "2", "2", "0")  # stops after saving step 2
-    # a crash while saving step 4 left a half-written checkpoint: it must be ignored
-    os.makedirs(cut / "checkpoints" / "step_000004.tmp")
-    os.makedirs(cut / "checkpoints" / "step_000005")  # no trainer.json: incomplete
-    assert fsdp.latest_checkpoint(str(cut)).endswith("step_000002")
-    torchrun(2, "run", str(cut), tiny_path, "3", "0", "1")
-    a, b = rows(full / "metrics.jsonl"), rows(cut / "metrics.jsonl")
-    assert [r["step"] for r in b] == [1, 2, 3]  # the resumed run did only step 3
-    skip = {k for k in a[2] if k.startswith("time_")}
-    assert {k: v for k, v in a[2].items() if k not in skip} == {
-        k: v for k, v in b[2].items() if k not in skip
-    }
-    from safetensors.torch import load_file
-
-    wa, wb = (
-        load_file(full / "export" / "model.safetensors"),
-        load_file(cut / "export" / "model.safetensors"),
-    )
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+def test_stage1_gradient_is_its_policy_part_plus_the_kl_over_the_kl_count(checks):
+    report = json.loads((checks / "normalizers.json").read_text())
+    for agg, r in report.items():
+        # the two counts differ, so swapping the normalizers would show; the KL part is large
+        assert r["policy_count"] != r["kl_count"] and r["kl_scale"] > 1e-3 * r["scale"] > 0, r
+        assert r["worst"] < 1e-6 * max(r["scale"], 1.0), (agg, r)
 
 
 @pytest.mark.slow
-def test_two_image_rows_mixed_with_text_rows_on_two_ranks(tiny_path, tmp_path):
-    """Rows with two images, rows with none (one rank's micro-batch can have images while the
-    other's has none: the vision tower must still run in step on both) and a prompt over
-    --max_prompt_len, which is skipped at load, counted and named."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = random.Random(0)
-    lines = dots_rows(data, 4, 2, rng)
-    lines += [
-        {"id": f"text-{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(4)
-    ]
-    lines.append({"id": "too-long", "question": "count " * 400, "answer": "1"})
-    (data / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
-    cfg = preset("demo-2", prompts_per_step=4, mini_batch_prompts=2)
-    order = [train.prompts_of_step(8, s, 4, cfg.seed) for s in range(3)]
-    has_image = [[i < 4 for i in o] for o in order]  # rows 0-3 have images (load order)
-    # some mini-batch puts an image prompt on one rank and a text prompt on the other
-    assert any(h[k] != h[k + 1] for h in has_image for k in (0, 2))
-    out = tmp_path / "run"
-    log = torchrun(2, "run", str(out), tiny_path, "3", "0", "0", json.dumps(
-        {"train_data": str(data / "mixed.jsonl"), "val_data": "", "max_prompt_len": 300}))  # fmt: skip
-    got = rows(out / "metrics.jsonl")
-    assert [r["step"] for r in got] == [1, 2, 3]
-    assert all(r["data_skipped"] == 1 for r in got)
-    assert "too-long" in log and "--max_prompt_len 300" in log
-
-
-@pytest.mark.slow
-def test_load_model_reads_the_checkpoint_on_rank_0_only(tiny_path, tmp_path):
-    torchrun(2, "load", str(tmp_path), tiny_path)
-    r0 = json.loads((tmp_path / "load_rank0.json").read_text())
-    r1 = json.loads((tmp_path / "load_rank1.json").read_text())
+def test_load_model_reads_the_checkpoint_on_rank_0_only(checks):
+    r0 = json.loads((checks / "load_rank0.json").read_text())
+    r1 = json.loads((checks / "load_rank1.json").read_text())
     assert r0["weights_equal"] is True and r0["n"] > 50
     assert r0["buffers_equal"] and r1["buffers_equal"]  # rotary frequencies reached rank 1 too
 
 
 @pytest.mark.slow
-def test_checkpointing_acts_in_the_update_and_the_first_minibatch_is_on_policy(tiny_path, tmp_path):
-    torchrun(1, "update", str(tmp_path), tiny_path)
-    report = json.loads((tmp_path / "update.json").read_text())
+def test_checkpointing_acts_in_the_update_and_the_first_minibatch_is_on_policy(checks):
+    report = json.loads((checks / "update.json").read_text())
     on, off = report["checkpointing=True"], report["checkpointing=False"]
+    assert on["grad_norm"] > 0 and off["grad_norm"] > 0
     assert on["logprobs_pass"] == off["logprobs_pass"] > 0  # eval mode: never recomputed
     assert on["update"] == 2 * off["update"] > 0  # each layer runs again in the backward
     for r in (on, off):  # old log-probs = the update's own, detached: the ratio is exactly 1
         assert r["ratio"] == 1.0 and r["clip_low"] == 0.0 and r["clip_high"] == 0.0
         assert r["old_filled"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_restores_weights_optimizer_schedule_and_rngs(checks):
+    for rank in (0, 1):
+        r = json.loads((checks / f"round_trip_rank{rank}.json").read_text())
+        assert all(n > 0 for n in r["grad_norms"]), r
+        assert r["step"] == 1
+        # each of these moved between the save and the load, and the load put each back
+        assert all(r["changed"].values()), r["changed"]
+        assert all(r["same"].values()), r["same"]
+
+
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(resumed, tiny_path):
+    full, cut, _ = resumed
+    a, b = rows(full / "metrics.jsonl"), rows(cut / "metrics.jsonl")
+    assert all(r["grad_norm"] > 1e-3 for r in a), [r["grad_norm"] for r in a]
+    assert moved(weights(tiny_path), weights(full / "export")) > 1e-4
+    # 2 warm-up steps then cosine (factors 2/3, 1, 0 after each step): step 3 runs at the full
+    # rate, which a resume that lost the scheduler's state (1/3) would not
+    assert [r["lr"] for r in a] == pytest.approx([2e-3 / 3, 1e-3, 0.0])
+    # the engine serves the weights of every update (they move every step)
+    assert all(r["logprob_gap"] < 1e-3 for r in a), [r["logprob_gap"] for r in a]
+    assert [r["step"] for r in b] == [1, 2, 3]  # the resumed run did only step 3
+    skip = {k for k in a[2] if k.startswith("time_")}
+    assert {k: v for k, v in a[2].items() if k not in skip} == {
+        k: v for k, v in b[2].items() if k not in skip
+    }
+    wa, wb = weights(full / "export"), weights(cut / "export")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_export_only_writes_the_newest_checkpoint(resumed, tiny_path):
+    full, _, exported = resumed
+    trained = weights(full / "export")  # the run's own export after step 3
+    assert moved(weights(tiny_path), trained) > 1e-4  # not the initial model
+    got = weights(exported / "export")  # --export_only of the step-3 checkpoint alone
+    assert got.keys() == trained.keys() and all(torch.equal(got[k], trained[k]) for k in got)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -267,3 +344,163 @@ def test_cosine_schedule_with_warmup_ratio():
         sched.step()
     assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0)
     assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+
+
+# --------------------------------------------------------------------------- one step's parts,
+# in process: a scripted engine returns known texts and a world of one stands in for the group
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """torch.distributed as a world of one, whether or not a group exists in this process."""
+    monkeypatch.setattr(fsdp.dist, "get_rank", lambda *a: 0)
+    monkeypatch.setattr(fsdp.dist, "get_world_size", lambda *a: 1)
+    monkeypatch.setattr(
+        fsdp.dist, "all_gather_object", lambda out, obj, *a: out.__setitem__(0, obj)
+    )
+    monkeypatch.setattr(fsdp.dist, "all_reduce", lambda tensor, *a, **k: None)
+
+
+def part(n) -> str:
+    """One well-formed answer: <think> ... </think> \\boxed{n}."""
+    return f"<think>\nI count {n}.\n</think>\n\n\\boxed{{{n}}}"
+
+
+class ScriptedEngine:
+    """Returns `texts` in order, `n` per prompt, and records the sampling it was asked for."""
+
+    def __init__(self, tokenizer, texts: list[str]):
+        self.tok, self.texts, self.calls = tokenizer, texts, []
+
+    def generate(self, prompts, n, sampling, prefixes=None):
+        from rollout import Generation
+
+        self.calls.append(sampling)
+        eos = self.tok.convert_tokens_to_ids("<|im_end|>")
+        out = []
+        for k in range(len(prompts)):
+            group = []
+            for text in self.texts[k * n : (k + 1) * n]:
+                ids = self.tok.encode(text, add_special_tokens=False) + [eos]
+                group.append(Generation(ids, [-0.5] * len(ids), text, "stop"))
+            out.append(group)
+        return out
+
+
+def scripted_trainer(processor, cfg, texts, val=()):
+    from data import synthetic_task
+
+    engine = ScriptedEngine(processor.tokenizer, texts)
+    _, sched = train.make_optimizer(torch.nn.Linear(1, 1), cfg, 10)
+    return train.Trainer(cfg, None, None, sched.optimizer, sched, engine, processor,
+                         torch.device("cpu"), synthetic_task(1), list(val))  # fmt: skip
+
+
+def three(example: dict) -> dict:
+    return {**example, "answer": "3"}
+
+
+# the README's worked example: w->c, c->c (o2 repeats o1), w->w, no correction; the answer is 3
+WORKED = [part(2) + SC + part(3), part(3) + SC + part(3), part(4) + SC + part(5), part(3)]
+
+
+def test_validate_counts_each_transition_where_it_happened(processor, one_rank):
+    from data import synthetic_task
+
+    texts = [part(2) + SC + part(3), part(2) + SC + part(3), part(3) + SC + part(4), part(3)]
+    cfg = preset("demo-1", val_n=4)
+    t = scripted_trainer(processor, cfg, texts, [three(synthetic_task(1)[0])])
+    got = train.validate(t, 0)
+    assert got["val_wc"] == 2 / 4 and got["val_cw"] == 1 / 4
+    assert got["val_acc_o1"] == 2 / 4 and got["val_acc_final"] == 3 / 4
+    assert got["val_corrects_itself"] == 3 / 4 and got["val_sc_format"] == 3 / 4
+    assert got["val_format"] == 1.0
+    assert got["val_reward"] == pytest.approx((3 * 1.0 + 0.1) / 4)  # 0.9 acc + 0.1 fmt
+    (sampling,) = t.engine.calls  # the paper's validation sampling, not training's
+    assert (sampling.temperature, sampling.top_p) == (cfg.val_temperature, cfg.val_top_p) != (1, 1)
+
+
+def test_step_metrics_of_the_worked_example(processor, one_rank):
+    from data import synthetic_task
+    from rollout import render_prompt
+
+    cfg = preset("demo-1", n_rollouts=4, n_train=8, max_response_len=200)
+    t = scripted_trainer(processor, cfg, WORKED)
+    example = three(synthetic_task(1)[0])
+    prompt = render_prompt(processor, example["messages"])
+    (generations,) = t.engine.generate([prompt], 4, None)
+    scores = train.score_rollouts(t, [example], [generations])[0]
+    group = train.make_group(t, example, prompt, generations, scores, random.Random(0))
+    for item, gen in zip(group.items, group.generations, strict=False):
+        item.old_logp = torch.tensor(gen.logprobs) + 0.25  # the trainer 0.25 above the engine
+    clock = train.Clock()
+    clock.seconds = {"generate": 2.0, "update": 1.0}
+    stats = [{"grad_norm": 2.0, "loss": 0.5}, {"grad_norm": 4.0, "loss": 1.5}]
+    got = train.step_metrics(t, [group], stats, clock)
+    assert got["reward"] == pytest.approx((1.0 + 0.55 + 0.1 + 0.55) / 4)
+    assert got["acc_o1"] == 2 / 4 and got["acc_final"] == 3 / 4  # o1: r1, r3; final: r0, r1, r3
+    assert got["corrects_itself"] == 3 / 4 and got["logprob_gap"] == pytest.approx(0.25)
+    # transitions before splicing (r0 w->c, r1 c->c, r2 w->w) and among the 8 trained samples
+    assert [got[f"gen_{k}"] for k in ("wc", "cc", "cw", "ww")] == [1, 1, 0, 1]
+    assert [got[f"train_{k}"] for k in ("wc", "cc", "cw", "ww")] == [2, 1, 2, 2]
+    assert got["samples_per_prompt"] == 8
+    assert got["grad_norm"] == 3.0 and got["loss"] == 1.0
+    assert got["time_generate"] == 2.0 and got["lr"] == t.scheduler.get_last_lr()[0]
+
+
+@pytest.mark.parametrize("kl_tokens", ["o1", "response"])
+def test_kl_tokens_response_puts_the_kl_on_every_token_of_stage2(processor, one_rank, kl_tokens):
+    from data import synthetic_task
+    from rollout import render_prompt
+
+    cfg = preset("demo-2", n_rollouts=4, n_train=8, max_response_len=200, kl_tokens=kl_tokens)
+    t = scripted_trainer(processor, cfg, WORKED)
+    example = three(synthetic_task(1)[0])
+    prompt = render_prompt(processor, example["messages"])
+    (generations,) = t.engine.generate([prompt], 4, None)
+    scores = train.score_rollouts(t, [example], [generations])[0]
+    group = train.make_group(t, example, prompt, generations, scores, random.Random(0))
+    kl = [it.kl_mask.tolist() for it in group.items]
+    if kl_tokens == "o1":  # Stage II has no KL (Sec. 4.3)
+        assert all(sum(m) == 0 for m in kl)
+    else:  # the released GRPO runs: k3 on every response token
+        assert all(m == [1.0] * len(it.ids) for m, it in zip(kl, group.items, strict=True))
+
+
+def test_export_only_exports_and_trains_nothing(monkeypatch):
+    called = []
+    monkeypatch.setattr(train, "export_only", lambda cfg: called.append(("export", cfg.out_dir)))
+    monkeypatch.setattr(train, "run_sequence", lambda stages: called.append(("train", None)))
+    # main ends by destroying the process group: not this session's (the shared engine's)
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda *a: None)
+    train.main(["--preset", "demo", "--export_only", "--out_dir", "x"])
+    assert called == [("export", os.path.join("x", "stage-2"))]  # a sequence: its last stage
+
+
+@pytest.mark.parametrize("case", ["missing", "empty folder", "every row bad"])
+def test_unusable_training_data_stops_before_loading_anything(
+    case, tiny_path, tmp_path, monkeypatch, capsys
+):
+    def refuse(*a, **k):
+        raise AssertionError("loaded a model for data that cannot train")
+
+    monkeypatch.setattr(train, "setup_distributed", lambda: (0, 1, torch.device("cpu")))
+    monkeypatch.setattr(train, "load_model", refuse)
+    monkeypatch.setattr(train, "VLLMEngine", refuse)
+    path = tmp_path / "data"
+    if case == "empty folder":
+        path.mkdir()
+    elif case == "every row bad":
+        path = tmp_path / "bad.jsonl"
+        path.write_text('{"question": "How many?"}\nnot json\n')
+    cfg = preset("demo-2", model=tiny_path, train_data=str(path), val_data="",
+                 out_dir=str(tmp_path / "run"))  # fmt: skip
+    expected = {"missing": (FileNotFoundError, f"dataset not found: {path}"),
+                "empty folder": (FileNotFoundError, f"no .* data files under {path}"),
+                "every row bad": (SystemExit, f"{path}: no usable training rows \\(2 skipped\\)")}  # fmt: skip
+    error, message = expected[case]
+    with pytest.raises(error, match=message):
+        train.build_trainer(cfg)
+    if case == "every row bad":  # and why, row by row
+        out = capsys.readouterr().out
+        assert "bad.jsonl:row 1: no answer" in out and "bad.jsonl:row 2: invalid JSON" in out

@@ -1,6 +1,21 @@
-"""Run under torchrun by test_train.py: `MODE OUT_DIR TINY_PATH [args]`."""
+"""Run under torchrun by test_train.py: `MODE OUT_DIR TINY_PATH [args]`.
 
+    stages OUT TINY DATA            cold start -> Stage I -> Stage II (on DATA), 2 ranks
+    run OUT TINY STEPS              one Stage II run that saves a checkpoint every step
+    resume OUT TINY EXPORT_FROM     resume OUT to step 3, then `--export_only` of EXPORT_FROM
+    checks OUT TINY                 fixed-group gradients and the checks built on them
+                                    (world 1: the Stage I normalizers, gradient checkpointing;
+                                    world 2: rank-0 loading, a checkpoint round trip)
+
+The RL modes grade with `varying_reward`: on the random tiny model every rollout would get the
+same reward, every advantage would be 0 and no weight would move, so resuming, syncing the
+engine or the KL of Stage II could break unseen.
+"""
+
+import dataclasses
+import hashlib
 import json
+import random
 import sys
 
 import torch
@@ -24,6 +39,18 @@ def small(name="demo-1", **kw):
     return preset(name, **dict(SMALL, **kw))
 
 
+def varying_reward(score_batch):
+    """reward.score_batch with the reward replaced by a number in [0, 1) drawn from the text's
+    md5: deterministic on every rank and run, different for different rollouts."""
+
+    def scored(texts, truths, **kw):
+        out = score_batch(texts, truths, **kw)
+        return [dataclasses.replace(s, reward=int(hashlib.md5(t.encode()).hexdigest()[:8], 16)
+                                    / 16**8) for s, t in zip(out, texts, strict=True)]  # fmt: skip
+
+    return scored
+
+
 def trainer_for(cfg, processor, device, ref=True):
     model = fsdp.load_model(tiny, device, gradient_checkpointing=cfg.gradient_checkpointing)
     ref_model = fsdp.load_model(tiny, device, trainable=False) if ref else None
@@ -31,69 +58,82 @@ def trainer_for(cfg, processor, device, ref=True):
     return train.Trainer(cfg, model, ref_model, opt, sched, None, processor, device, [], [])
 
 
-if mode == "stages":  # every stage runs a few steps, the last on a file with bad rows
-    stages = [
-        small("demo-sft", max_steps=3, save_every=1, keep_checkpoints=2),
-        small("demo-1", max_steps=2),
-        small("demo-2", max_steps=2, train_data=sys.argv[4]),
-    ]
-    stages = [c.replace(out_dir=f"{out_dir}/stage-{c.stage}") for c in stages]
-    engine = train.run_sequence(stages)
-    engine.close()
-elif mode == "run":  # one RL stage; resume and save_every from the command line
-    steps, save_every, resume = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
-    extra = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {}
-    cfg = small("demo-2", max_steps=steps, save_every=save_every, resume=resume)
-    _, engine = train.run_stage(cfg.replace(**extra))
-    engine.close()
-elif mode == "grads":  # the same fixed groups on 1 or 2 ranks: the summed gradient must agree
-    from transformers import AutoProcessor
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
 
-    rank, world, device = fsdp.setup_distributed()
-    processor = AutoProcessor.from_pretrained(tiny)
-    for spec in sys.argv[4].split(","):
+
+def save_json(name: str, value) -> None:
+    if dist.get_rank() == 0:
+        with open(f"{out_dir}/{name}", "w") as f:
+            json.dump(value, f)
+
+
+def fixed_group_gradients(processor, device, specs: str) -> None:
+    """The summed gradient of the same fixed groups, for each `budget:agg:prompt` spec."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for spec in specs.split(","):
         budget, agg, shared = spec.split(":")
         cfg = small(update_token_budget=int(budget), agg=agg, shared_prompt=shared == "shared")
         t = trainer_for(cfg, processor, device)
         train.accumulate_gradients(t, fixed_groups(processor)[rank::world])
-        grads = {
-            n: p.grad.full_tensor() for n, p in t.model.named_parameters() if p.grad is not None
-        }
+        grads = gradients(t.model)
         if rank == 0:
             torch.save(grads, f"{out_dir}/grads_world{world}_{spec.replace(':', '_')}.pt")
-    dist.destroy_process_group()
-elif mode == "load":  # rank 0 alone reads the weights; every rank ends with all of them
-    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
-    rank, world, device = fsdp.setup_distributed()
-    if rank != 0:
 
-        def refuse(*a, **k):
-            raise AssertionError("only rank 0 may read the checkpoint")
-
-        Qwen3VLForConditionalGeneration.from_pretrained = refuse
-    model = fsdp.load_model(tiny, device)
-    full = dict(fsdp.full_weights(model))
-    fresh = Qwen3VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(tiny))
-    same_buffers = all(
-        torch.equal(b, dict(fresh.named_buffers())[n]) for n, b in model.named_buffers()
-    )
-    if rank == 0:
-        reference = Qwen3VLForConditionalGeneration.from_pretrained(tiny).state_dict()
-        same = (
-            all(torch.equal(full[k], reference[k]) for k in reference)
-            and full.keys() == reference.keys()
+def stage1_normalizers(processor, device) -> dict:
+    """accumulate_gradients' Stage I gradient against its two parts computed apart: the policy
+    loss of a trainer without a reference (its own normalizer), plus kl_coef x the k3 KL written
+    out here, each sequence's (agg "seq") or token's (agg "token") terms over the KL count of the
+    whole batch. Swapping the two normalizers in the Stage I loss changes the first only."""
+    report = {}
+    for agg in ("seq", "token"):
+        cfg = small(update_token_budget=300, agg=agg, kl_coef=0.5)
+        t = trainer_for(cfg, processor, device)
+        groups = fixed_groups(processor)
+        # a reference near the policy: k3 is clamped at 10, where it has no gradient, and the
+        # fixed groups' random reference log-probs sit there
+        noise = torch.Generator().manual_seed(1)
+        for group, lps in zip(groups, train.logprobs(t, groups), strict=True):
+            for it, lp in zip(group.items, lps, strict=True):
+                it.ref_logp = lp + 0.5 * torch.randn(lp.shape, generator=noise)
+        train.accumulate_gradients(t, groups)
+        full = gradients(t.model)
+        t.model.zero_grad(set_to_none=True)
+        ref, t.ref_model = t.ref_model, None
+        train.accumulate_gradients(t, groups)
+        policy = gradients(t.model)
+        t.model.zero_grad(set_to_none=True)
+        t.ref_model = ref
+        items = [it for g in groups for it in g.items]
+        kl_count = sum(
+            float(it.kl_mask.sum() > 0) if agg == "seq" else float(it.kl_mask.sum()) for it in items
         )
-    else:
-        same = None
-    with open(f"{out_dir}/load_rank{rank}.json", "w") as f:
-        json.dump({"weights_equal": same, "buffers_equal": same_buffers, "n": len(full)}, f)
-    dist.destroy_process_group()
-elif mode == "update":  # gradient checkpointing and the on-policy first mini-batch, observed
-    from transformers import AutoProcessor
+        for chunk, logps, weight in train.forward_chunks(t, t.model, groups, 300):
+            total = 0.0
+            for (g, k), lp in zip([(g, k) for g, ks in chunk for k in ks], logps, strict=True):
+                it = groups[g].items[k]
+                d = it.ref_logp - lp
+                k3 = ((torch.exp(d) - d - 1.0).clamp(-10.0, 10.0) * it.kl_mask).sum()
+                total = total + (k3 / it.kl_mask.sum().clamp(min=1) if agg == "seq" else k3)
+            (cfg.kl_coef * total / kl_count * weight).backward()
+        kl = gradients(t.model)
+        worst = max((full[k] - policy[k] - kl[k]).abs().max().item() for k in full)
+        report[agg] = {
+            "worst": worst,
+            "scale": max(full[k].abs().max().item() for k in full),
+            "kl_scale": max(kl[k].abs().max().item() for k in kl),
+            "policy_count": sum(float(it.policy_mask.sum() > 0) for it in items)
+            if agg == "seq"
+            else sum(float(it.policy_mask.sum()) for it in items),
+            "kl_count": kl_count,
+        }
+    return report
 
-    rank, world, device = fsdp.setup_distributed()
-    processor = AutoProcessor.from_pretrained(tiny)
+
+def checkpointing(processor, device) -> dict:
+    """Layer-0 forwards in the log-prob pass and in the update, with and without gradient
+    checkpointing, and the on-policy first mini-batch's ratio."""
     report = {}
     for flag in (True, False):
         cfg = small(gradient_checkpointing=flag)
@@ -112,8 +152,128 @@ elif mode == "update":  # gradient checkpointing and the on-policy first mini-ba
                                            "update": len(calls) - in_logprobs,
                                            "ratio": stats["ratio"], "clip_low": stats["clip_low"],
                                            "clip_high": stats["clip_high"],
+                                           "grad_norm": stats["grad_norm"],
                                            "old_filled": all(it.old_logp is not None for g in groups for it in g.items)}  # fmt: skip
         handle.remove()
-    with open(f"{out_dir}/update.json", "w") as f:
-        json.dump(report, f)
+    return report
+
+
+def rank0_loading(device) -> dict:
+    """Rank 0 alone reads the weights; every rank ends with all of them (and the buffers)."""
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    rank = dist.get_rank()
+    original = Qwen3VLForConditionalGeneration.from_pretrained
+    if rank != 0:
+
+        def refuse(*a, **k):
+            raise AssertionError("only rank 0 may read the checkpoint")
+
+        Qwen3VLForConditionalGeneration.from_pretrained = refuse
+    model = fsdp.load_model(tiny, device)
+    Qwen3VLForConditionalGeneration.from_pretrained = original
+    full = dict(fsdp.full_weights(model))
+    fresh = Qwen3VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(tiny))
+    same_buffers = all(
+        torch.equal(b, dict(fresh.named_buffers())[n]) for n, b in model.named_buffers()
+    )
+    same = None
+    if rank == 0:
+        reference = original(tiny).state_dict()
+        same = full.keys() == reference.keys() and all(
+            torch.equal(full[k], reference[k]) for k in reference
+        )
+    return {"weights_equal": same, "buffers_equal": same_buffers, "n": len(full)}
+
+
+def checkpoint_round_trip(processor, device) -> dict:
+    """save_checkpoint, then another update, scheduler step and random draws, then
+    load_checkpoint: weights, optimizer moments, learning rate and both RNGs are back."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = small(lr_schedule="cosine", warmup_steps=2)
+    t = trainer_for(cfg, processor, device, ref=False)
+    groups = fixed_groups(processor)[rank::world]
+
+    def step():
+        for g in groups:
+            for it in g.items:
+                it.old_logp = None
+        norm = train.update(t, groups, on_policy=True)["grad_norm"]
+        t.scheduler.step()
+        return norm
+
+    def state():
+        name, p = next((n, p) for n, p in t.model.named_parameters() if p.requires_grad)
+        moment = t.optimizer.state[p]["exp_avg"]
+        return {"weight": p.full_tensor().clone(), "exp_avg": moment.full_tensor().clone(),
+                "lr": t.scheduler.get_last_lr()[0], "random": random.random(),
+                "torch": torch.rand(3)}  # fmt: skip
+
+    norms = [step()]
+    path = fsdp.save_checkpoint(f"{out_dir}/round_trip", 1, t.model, t.optimizer, t.scheduler)
+    saved = state()  # draws once from each RNG: load must rewind them to before these draws
+    norms.append(step())
+    moved = state()
+    at = fsdp.load_checkpoint(path, t.model, t.optimizer, t.scheduler)
+    loaded = state()
+    same = {k: bool(torch.equal(saved[k], loaded[k])) if isinstance(saved[k], torch.Tensor)
+            else saved[k] == loaded[k] for k in saved}  # fmt: skip
+    changed = {k: bool(not torch.equal(saved[k], moved[k])) if isinstance(saved[k], torch.Tensor)
+               else saved[k] != moved[k] for k in saved}  # fmt: skip
+    return {"step": at, "same": same, "changed": changed, "grad_norms": norms}
+
+
+# The resumed runs' schedule: 2 warm-up steps, then cosine to 0 at step 3. Its factors at steps
+# 0, 1, 2 are 1/3, 2/3, 1: a resume that lost the scheduler's state would run step 3 at 1/3.
+SCHEDULE = dict(lr_schedule="cosine", warmup_steps=2)
+
+if mode in ("stages", "run", "resume"):
+    train.score_batch = varying_reward(train.score_batch)
+if mode == "stages":  # every stage runs a few steps, Stage II on a file with bad rows
+    stages = [
+        # the engine is built here and reused by the later stages: room for Stage II's 2 images
+        small("demo-sft", max_steps=3, save_every=1, keep_checkpoints=2, max_images=2),
+        small("demo-1", max_steps=2),
+        # the grpo-n16-released way of KL: on every response token, in Stage II
+        small("demo-2", max_steps=3, train_data=sys.argv[4], val_data="", max_prompt_len=300,
+              kl_tokens="response", kl_coef=0.5),
+    ]  # fmt: skip
+    stages = [c.replace(out_dir=f"{out_dir}/stage-{c.stage}") for c in stages]
+    engine = train.run_sequence(stages)
+    engine.close()
+elif mode == "run":  # one Stage II run, a checkpoint after every step
+    cfg = small("demo-2", max_steps=int(sys.argv[4]), save_every=1, **SCHEDULE)
+    _, engine = train.run_stage(cfg)
+    engine.close()
+elif mode == "resume":  # the newest checkpoint of OUT to step 3; then --export_only of another
+    cfg = small("demo-2", max_steps=3, resume=True, **SCHEDULE)
+    _, engine = train.run_stage(cfg)
+    name, overrides, flags = train.parse_args(
+        ["--preset", "demo-2", "--model", tiny, "--out_dir", sys.argv[4], "--export_only"]
+    )
+    assert flags["export_only"]
+    train.export_only(train.stage_configs(name, overrides)[-1])
+    engine.close()
+elif mode == "checks":
+    from transformers import AutoProcessor
+
+    rank, world, device = fsdp.setup_distributed()
+    processor = AutoProcessor.from_pretrained(tiny)
+    if world == 1:
+        fixed_group_gradients(
+            processor, device, "600:seq:shared,250:token:shared,400:seq:per_sample"
+        )
+        save_json("normalizers.json", stage1_normalizers(processor, device))
+        save_json("update.json", checkpointing(processor, device))
+    else:
+        fixed_group_gradients(
+            processor, device, "1200:seq:shared,500:token:shared,300:seq:per_sample"
+        )
+        with open(f"{out_dir}/load_rank{rank}.json", "w") as f:
+            json.dump(rank0_loading(device), f)
+        report = checkpoint_round_trip(processor, device)
+        with open(f"{out_dir}/round_trip_rank{rank}.json", "w") as f:
+            json.dump(report, f)
     dist.destroy_process_group()
+else:
+    raise SystemExit(f"unknown mode {mode}")
