@@ -283,7 +283,7 @@ def test_accumulated_gradient_does_not_depend_on_the_split(ratio, agg, stage1):
     if stage1:
         ref, kl_mask = _kl_part(old, mask)
         assert count_for(kl_mask, agg) != count_for(mask, agg)
-        stage1_loss(x, old, ref, adv, mask, kl_mask, **kw)[0].backward()
+        policy_loss_with_kl(x, old, ref, adv, mask, kl_mask, **kw)[0].backward()
     else:
         policy_loss(x, old, adv, mask, **kw)[0].backward()
     assert torch.allclose(x.grad, whole, atol=1e-12)

@@ -28,6 +28,7 @@ SMALL = {
     "bench/reward_throughput.py": ["--responses", "200", "--degenerate_chars", "1000"],
     "bench/augment_overhead.py": ["--prompts", "4", "--tokens", "64"],
     "bench/memory_plan.py": [],
+    "bench/data_scale.py": ["--rows", "8", "16", "--modes", "encoded"],
     # parsed only: test_toy_replication.py runs the smoke of every arm (a superset of this run)
     "bench/toy_replication.py": ["--help"],
     "bench/peer_trl.py": ["--help"],  # needs TRL (a bench-only extra); parsed only
