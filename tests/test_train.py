@@ -435,7 +435,10 @@ def test_step_metrics_of_the_worked_example(processor, one_rank):
         item.old_logp = torch.tensor(gen.logprobs) + 0.25  # the trainer 0.25 above the engine
     clock = train.Clock()
     clock.seconds = {"generate": 2.0, "update": 1.0}
-    stats = [{"grad_norm": 2.0, "loss": 0.5}, {"grad_norm": 4.0, "loss": 1.5}]
+    stats = [
+        {"grad_norm": 2.0, "loss": 0.5, "skipped_steps": 0.0},
+        {"grad_norm": 4.0, "loss": 1.5, "skipped_steps": 1.0},
+    ]
     got = train.step_metrics(t, [group], stats, clock)
     assert got["reward"] == pytest.approx((1.0 + 0.55 + 0.1 + 0.55) / 4)
     assert got["acc_o1"] == 2 / 4 and got["acc_final"] == 3 / 4  # o1: r1, r3; final: r0, r1, r3
@@ -445,6 +448,7 @@ def test_step_metrics_of_the_worked_example(processor, one_rank):
     assert [got[f"train_{k}"] for k in ("wc", "cc", "cw", "ww")] == [2, 1, 2, 2]
     assert got["samples_per_prompt"] == 8
     assert got["grad_norm"] == 3.0 and got["loss"] == 1.0
+    assert got["skipped_steps"] == 1.0  # the mini-batches' skips add up, the ranks' do not
     assert got["time_generate"] == 2.0 and got["lr"] == t.scheduler.get_last_lr()[0]
 
 
