@@ -10,6 +10,7 @@ tests exercise the code path an 8-GPU run takes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import gc
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections import defaultdict
 
 import torch
@@ -108,8 +110,6 @@ def load_model(
     float32 compute on GPUs too (for checks); None: bf16 on GPUs.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
     from packing import use_packed_attention
@@ -136,20 +136,7 @@ def load_model(
     elif freeze_vision:  # the release's cold start trains the language model only
         model.model.visual.requires_grad_(False)
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = (  # bf16 compute, float32 master weights and gradient reductions
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if bf16 and trainable
-        else MixedPrecisionPolicy()
-    )
-    visual, text = model.model.visual, model.model.language_model
-    for block in visual.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(visual, mesh=mesh, mp_policy=mp)
-    for layer in text.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-
+    _shard(model, device, bf16=bf16 and trainable)
     model.to_empty(device=device)
     set_model_state_dict(
         model,
@@ -167,6 +154,27 @@ def load_model(
     # what the run computes in: the export is written in it (export_dtype)
     model.compute_dtype = torch.bfloat16 if bf16 else torch.float32
     return model.train() if trainable else model.eval()
+
+
+def _shard(model, device: torch.device, *, bf16: bool) -> None:
+    """FSDP2 over all ranks: each vision block, the vision tower, each decoder layer, the root;
+    `bf16`: bf16 compute with float32 master weights and gradient reductions."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
+    visual, text = model.model.visual, model.model.language_model
+    for block in visual.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(visual, mesh=mesh, mp_policy=mp)
+    for layer in text.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def _vision_on_every_rank(model):
@@ -210,7 +218,7 @@ def _sum_tensors(nested) -> torch.Tensor:
 # =============================================================================================
 
 
-def pack_by_tokens(costs: list[int], budget: int) -> list[list[int]]:
+def first_fit(costs: list[int], budget: int) -> list[list[int]]:
     """Indices grouped into micro-batches of at most `budget` tokens in all (first-fit, longest
     first). An item over the budget gets a micro-batch of its own, never dropped."""
     bins: list[list[int]] = []
@@ -228,20 +236,20 @@ def pack_by_tokens(costs: list[int], budget: int) -> list[list[int]]:
 
 
 def micro_batches(costs: list[int], budget: int) -> list[tuple[list[int], float]]:
-    """Micro-batches of this rank's items as `(indices, weight)`: multiply the micro-batch's
-    loss by `weight` before `backward()`.
+    """Micro-batches of this rank's items as `(indices, loss_scale)`: the micro-batch's loss is
+    multiplied by `loss_scale` before `backward()` (train.py says why where it does it).
 
     Every rank runs the same number of passes. FSDP2 all-gathers parameters in each forward and
     reduce-scatters gradients in each backward, so a rank that stopped early would leave the
     others waiting forever; a rank with fewer micro-batches instead repeats its first item with
-    weight 0 (the pass runs, nothing reaches the gradient). The weight of a real micro-batch is
-    the world size: FSDP averages gradients over ranks, but the losses here are already divided
+    loss_scale 0 (the pass runs, nothing reaches the gradient). A real micro-batch's loss_scale
+    is the world size: FSDP averages gradients over ranks, but the losses are already divided
     by counts summed over all ranks (loss.py's normalizers), so the average is undone and the
     summed gradient is the gradient of the whole mini-batch, however it is split.
     """
     if not costs:
         raise ValueError("micro_batches: this rank has no items (each rank needs at least one)")
-    batches = pack_by_tokens(costs, budget)
+    batches = first_fit(costs, budget)
     n = int(all_reduce([len(batches)], op=dist.ReduceOp.MAX)[0])
     world = float(dist.get_world_size())
     return [(b, world) for b in batches] + [(batches[0][:1], 0.0)] * (n - len(batches))
@@ -275,6 +283,26 @@ class Metrics:
         flat = all_reduce([x for n in names for x in (self.sums.get(n, 0.0), self.counts[n])])
         sums, counts = flat[0::2], flat[1::2]
         return {n: (s / c if c else s) for n, s, c in zip(names, sums, counts, strict=True)}
+
+
+class Clock:
+    """`with clock("phase"):` adds the phase's wall-clock seconds to `clock.seconds`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def log_row(out_dir: str, row: dict) -> None:
+    """Append one metrics row to `out_dir/metrics.jsonl` (rank 0)."""
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 # =============================================================================================
