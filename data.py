@@ -300,6 +300,21 @@ def conversation_fields(turns) -> tuple[str | None, str | None]:
     return question, answer or None
 
 
+def _encoded_images(
+    row: dict, where: str, base_dir: str, min_pixels: int, max_pixels: int
+) -> list[EncodedImage]:
+    img_name, images = _first(row, IMAGE_FIELDS)
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    loaded = []
+    for k, value in enumerate(images):
+        field_at = f"{where}: field {img_name}[{k}]"
+        try:
+            loaded.append(encode_image(value, base_dir, min_pixels, max_pixels, field_at))
+        except ValueError as e:
+            raise DataError(f"{field_at}: {e}") from None
+    return loaded
+
+
 def row_to_example(
     row: dict,
     *,
@@ -325,15 +340,7 @@ def row_to_example(
     if answer is None:
         raise DataError(f"{where}: no answer (looked for {', '.join(ANSWER_FIELDS)}, "
                         "a gpt turn of conversations)")  # fmt: skip
-    img_name, images = _first(row, IMAGE_FIELDS)
-    images = [] if images is None else images if isinstance(images, list) else [images]
-    loaded = []
-    for k, value in enumerate(images):
-        field_at = f"{where}: field {img_name}[{k}]"
-        try:
-            loaded.append(encode_image(value, base_dir, min_pixels, max_pixels, field_at))
-        except ValueError as e:
-            raise DataError(f"{field_at}: {e}") from None
+    loaded = _encoded_images(row, where, base_dir, min_pixels, max_pixels)
     content: list[dict] = []
     pieces = str(question).split("<image>")
     if len(pieces) - 1 == len(loaded):

@@ -109,7 +109,6 @@ def load_model(
     train mode (`model.train()`), which train.py sets for the update alone. `bf16=False` keeps
     float32 compute on GPUs too (for checks); None: bf16 on GPUs.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
     from packing import use_packed_attention
@@ -117,13 +116,7 @@ def load_model(
     on_gpu = device.type == "cuda"
     bf16 = on_gpu if bf16 is None else bf16
     dtype = torch.bfloat16 if bf16 and not trainable else torch.float32
-    rank = dist.get_rank()
-    full_state, buffers = {}, {}
-    if rank == 0:
-        source = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
-        full_state = source.state_dict()
-        buffers = {name: b.clone() for name, b in source.named_buffers()}
-        del source
+    full_state, buffers = _read_on_rank0(path, dtype)
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
@@ -138,22 +131,37 @@ def load_model(
 
     _shard(model, device, bf16=bf16 and trainable)
     model.to_empty(device=device)
-    set_model_state_dict(
-        model,
-        full_state,
-        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-    )
-    # Rotary frequencies are buffers outside the state dict: rank 0 computed them, all copy them.
-    for name, buffer in model.named_buffers():
-        if rank == 0:
-            buffer.copy_(buffers[name])
-        dist.broadcast(buffer, src=0)
+    _broadcast_weights(model, full_state, buffers)
     model.model.language_model.register_forward_pre_hook(
         _vision_on_every_rank(model), with_kwargs=True
     )
     # what the run computes in: the export is written in it (export_dtype)
     model.compute_dtype = torch.bfloat16 if bf16 else torch.float32
     return model.train() if trainable else model.eval()
+
+
+def _read_on_rank0(path: str, dtype: torch.dtype) -> tuple[dict, dict]:
+    """The checkpoint's state dict and buffers on rank 0; empty on the other ranks."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    if dist.get_rank() != 0:
+        return {}, {}
+    source = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    return source.state_dict(), {name: b.clone() for name, b in source.named_buffers()}
+
+
+def _broadcast_weights(model, full_state: dict, buffers: dict) -> None:
+    """Every rank's shards of rank 0's `full_state`, by broadcast, and the buffers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    # Rotary frequencies are buffers outside the state dict: rank 0 computed them, all copy them.
+    for name, buffer in model.named_buffers():
+        if rank == 0:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
 
 
 def _shard(model, device: torch.device, *, bf16: bool) -> None:
@@ -214,7 +222,7 @@ def _sum_tensors(nested) -> torch.Tensor:
 
 
 # =============================================================================================
-# Micro-batches that keep every rank in step
+# Micro-batches that keep every rank in step (the batching words: packing.py)
 # =============================================================================================
 
 

@@ -211,6 +211,17 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr)
 
 
+def clamp_model_len(model: str, max_model_len: int) -> int:
+    """`max_model_len` cut to what `model` allows, with one line saying so."""
+    limit = model_max_len(model)
+    if max_model_len > limit:
+        _say(
+            f"[engine] max_model_len {max_model_len} > {limit}, what {model} allows: using {limit}"
+        )
+        return limit
+    return max_model_len
+
+
 def image_size(model: str, min_pixels: int | None, max_pixels: int | None) -> dict | None:
     """The image processor's `size` of `model` narrowed to `min_pixels..max_pixels` (None when
     neither is given); a range that does not fit the processor's is refused with one line."""
@@ -261,13 +272,7 @@ class VLLMEngine:
     ) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         check_tensor_parallel(tensor_parallel, world)
-        limit = model_max_len(model)
-        if max_model_len > limit:
-            _say(
-                f"[engine] max_model_len {max_model_len} > {limit}, what {model} allows: using {limit}"
-            )
-            max_model_len = limit
-        self.max_model_len = max_model_len
+        self.max_model_len = max_model_len = clamp_model_len(model, max_model_len)
         self.on_gpu = torch.cuda.is_available()
         self.sleep_mode = sleep_mode
         dtype = dtype if dtype != "auto" else ("bfloat16" if self.on_gpu else "float32")
