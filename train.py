@@ -338,16 +338,13 @@ def accumulate_gradients(t: Trainer, groups: list[Group], *, on_policy: bool = F
             for it, lp in zip(batch, logps, strict=True):
                 it.old_logp = lp.detach().cpu()
         logp = pad_sequence(logps, batch_first=True)  # (B, R)
-        old = pad(
-            [lp.detach() for lp in logps] if on_policy else [it.old_logp for it in batch], dev
-        )
+        old = [lp.detach() for lp in logps] if on_policy else [it.old_logp for it in batch]
+        old = pad(old, dev)  # (B, R)
         policy_mask = pad([it.policy_mask for it in batch], dev)  # (B, R)
         advantages = torch.tensor([it.advantage for it in batch], device=dev)  # (B,)
         if t.ref_model is not None:
-            ref, kl_mask = (
-                pad([it.ref_logp for it in batch], dev),
-                pad([it.kl_mask for it in batch], dev),
-            )
+            ref = pad([it.ref_logp for it in batch], dev)  # (B, R)
+            kl_mask = pad([it.kl_mask for it in batch], dev)  # (B, R)
             loss, m = policy_loss_with_kl(logp, old, ref, advantages, policy_mask, kl_mask,
                                           kl_coef=cfg.kl_coef, policy_normalizer=policy_count,
                                           kl_normalizer=kl_count, **kw)  # fmt: skip
@@ -382,9 +379,8 @@ def forward_micro_batches(
     rope_index = model.model.get_rope_index
     for indices, loss_scale in micro_batches(costs, budget):
         segments = [cut[i] for i in indices]
-        packed = pack(
-            [(groups[g][0], [groups[g][1][k] for k in ks]) for g, ks in segments], rope_index
-        )
+        rows = [(groups[g][0], [groups[g][1][k] for k in ks]) for g, ks in segments]
+        packed = pack(rows, rope_index)  # the micro-batch in one row (packing.py)
         yield segments, response_logprobs(model, packed, t.device, t.cfg.temperature), loss_scale
 
 
@@ -400,7 +396,7 @@ def logprobs(t: Trainer, groups: list[Group], model=None) -> list[list[torch.Ten
     pairs = [(g.prompt, [it.ids for it in g.items]) for g in groups]
     budget = t.cfg.logprob_token_budget
     for segments, logps, loss_scale in forward_micro_batches(t, model, pairs, budget):
-        if loss_scale:  # a pass that only keeps the ranks in step: its results are not kept
+        if loss_scale:  # 0: a pass that only keeps the ranks in step, its results dropped
             at = iter(logps)
             for g, ks in segments:
                 for k in ks:
