@@ -96,9 +96,9 @@ def run_ours(model: str, steps: int, out_dir: str) -> dict:
     tokens: list[int] = []
     step_metrics = train.step_metrics
 
-    def keep_tokens(t, groups, stats, clock):
+    def keep_tokens(t, groups, stats, clock, **kw):
         tokens.append(sum(len(it.ids) for g in groups for it in g.items))
-        return step_metrics(t, groups, stats, clock)
+        return step_metrics(t, groups, stats, clock, **kw)
 
     train.step_metrics = keep_tokens
     rows = []

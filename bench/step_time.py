@@ -52,9 +52,9 @@ def main() -> None:
     captured: list = []
     step_metrics = train.step_metrics
 
-    def keep_groups(t, groups, stats, clock):  # the step's groups, to time a recomputed pass
+    def keep_groups(t, groups, stats, clock, **kw):  # the step's groups, to time a recomputed pass
         captured[:] = groups
-        return step_metrics(t, groups, stats, clock)
+        return step_metrics(t, groups, stats, clock, **kw)
 
     train.step_metrics = keep_groups
     train.rl_step(t, 0)  # warm-up outside the clock
