@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import glob
 import io
 import json
 import os
 import random
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from octopus import OCTOPUS_SUFFIX, SC
+from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, SC, Config
 
 IMAGE_FACTOR = 32  # Qwen3-VL: patch 16 x spatial merge 2 pixels per visual token side
 QUESTION_FIELDS = ("question", "problem", "prompt", "query")
@@ -298,6 +300,21 @@ def conversation_fields(turns) -> tuple[str | None, str | None]:
     return question, answer or None
 
 
+def _encoded_images(
+    row: dict, where: str, base_dir: str, min_pixels: int, max_pixels: int
+) -> list[EncodedImage]:
+    img_name, images = _first(row, IMAGE_FIELDS)
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    loaded = []
+    for k, value in enumerate(images):
+        field_at = f"{where}: field {img_name}[{k}]"
+        try:
+            loaded.append(encode_image(value, base_dir, min_pixels, max_pixels, field_at))
+        except ValueError as e:
+            raise DataError(f"{field_at}: {e}") from None
+    return loaded
+
+
 def row_to_example(
     row: dict,
     *,
@@ -323,15 +340,7 @@ def row_to_example(
     if answer is None:
         raise DataError(f"{where}: no answer (looked for {', '.join(ANSWER_FIELDS)}, "
                         "a gpt turn of conversations)")  # fmt: skip
-    img_name, images = _first(row, IMAGE_FIELDS)
-    images = [] if images is None else images if isinstance(images, list) else [images]
-    loaded = []
-    for k, value in enumerate(images):
-        field_at = f"{where}: field {img_name}[{k}]"
-        try:
-            loaded.append(encode_image(value, base_dir, min_pixels, max_pixels, field_at))
-        except ValueError as e:
-            raise DataError(f"{field_at}: {e}") from None
+    loaded = _encoded_images(row, where, base_dir, min_pixels, max_pixels)
     content: list[dict] = []
     pieces = str(question).split("<image>")
     if len(pieces) - 1 == len(loaded):
@@ -528,3 +537,130 @@ def synthetic_coldstart(
         + SC
         + synthetic_answer(answer, guess(p_wrong_second))
     )
+
+
+# =============================================================================================
+# A training run's splits and the order it reads them in (train.py)
+# =============================================================================================
+
+
+def load_split(
+    spec: str, cfg: Config, processor, *, seed: int, sft: bool = False, log: Callable = print
+) -> tuple[list[dict], int]:
+    """Examples of `spec` ("synthetic:N" for the demo's dot counting, else a path for
+    `load_examples`) and how many rows were skipped: bad rows (each reported), prompts over
+    `max_prompt_len` tokens (images counted), SFT rows without a response. `log`: where the
+    one-line reports go (train.py: rank 0 only)."""
+    suffix = OCTOPUS_SUFFIX if cfg.prompt_suffix == "octopus" else BASELINE_SUFFIX
+    skipped = 0
+    if spec.startswith("synthetic:"):
+        examples = synthetic_task(int(spec.split(":")[1]), seed=seed, suffix=suffix)
+        if sft:
+            rng = random.Random(seed)
+            for e in examples:
+                e["response"] = synthetic_coldstart(e, rng)
+    else:
+        examples, report = load_examples(
+            spec, suffix=suffix, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels
+        )
+        skipped += len(report.skipped)
+        if report.skipped:
+            log(f"[data] {spec}: {report.summary()}")
+    if sft:
+        missing = [e["id"] for e in examples if not e.get("response")]
+        if missing:
+            log(
+                f"[data] {spec}: {len(missing)} rows without a 'response' skipped (e.g. {missing[:3]})"
+            )
+        examples = [e for e in examples if e.get("response")]
+        skipped += len(missing)
+    long = [e["id"] for e in examples if prompt_length(processor, e) > cfg.max_prompt_len]
+    if long:  # the released code filters these at load too; they would not fit the engine
+        log(
+            f"[data] {spec}: {len(long)} prompts over --max_prompt_len {cfg.max_prompt_len} "
+            f"tokens skipped (e.g. {long[:3]})"
+        )
+        long_ids = set(long)
+        examples = [e for e in examples if e["id"] not in long_ids]
+        skipped += len(long)
+    return examples, skipped
+
+
+def load_stage_data(cfg: Config, processor, log: Callable = print) -> tuple[list, list, int]:
+    """A stage's training examples (the cold start's chats or the RL prompts), its validation
+    prompts (none with --val_every 0: val_data is not read) and the training rows skipped;
+    stops the launch when no training row is usable."""
+    sft = cfg.stage == "sft"
+    spec = cfg.sft_data if sft else cfg.train_data
+    train, skipped = load_split(spec, cfg, processor, seed=cfg.seed, sft=sft, log=log)
+    val = []
+    if cfg.val_data and cfg.val_every:
+        val = load_split(cfg.val_data, cfg, processor, seed=cfg.seed + 1, log=log)[0]
+    if not train:
+        raise SystemExit(f"[{cfg.stage}] {spec}: no usable training rows ({skipped} skipped)")
+    return train, val, skipped
+
+
+def share_of_step(
+    examples: list[dict], step: int, per_step: int, seed: int, rank: int, world: int
+) -> list[dict]:
+    """Rank `rank`'s examples of global step `step` (each rank a contiguous slice)."""
+    per_rank = per_step // world
+    idx = prompts_of_step(len(examples), step, per_step, seed)
+    return [examples[i] for i in idx[rank * per_rank : (rank + 1) * per_rank]]
+
+
+def examples_of_step(
+    examples: list[dict],
+    step: int,
+    per_step: int,
+    seed: int,
+    rank: int,
+    world: int,
+    need: int,
+    where: str,
+) -> tuple[list[dict], list[str]]:
+    """Rank `rank`'s examples of `step` with their images decoded, and one line per example left
+    out because an image did not decode (reported under `where`; the step goes on with the
+    rest). With fewer than `need` left (train.py: one per mini-batch, to stay in step with the
+    other ranks' collectives) it stops the launch (torchrun ends every rank) naming the images."""
+    mine, bad = decode_examples(share_of_step(examples, step, per_step, seed, rank, world))
+    report_bad(where, rank, bad)
+    if len(mine) < need:
+        raise SystemExit(
+            f"[data] rank {rank} step {step + 1}: {len(mine)} of {len(mine) + len(bad)} "
+            f"prompts have images that decode, {need} needed: {bad[:3]}"
+        )
+    return mine, bad
+
+
+def prompts_of_step(n_examples: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Example indices of global step `step`: epochs are seeded permutations read in order, so
+    a resumed run continues exactly where it stopped and never repeats a prompt of an epoch."""
+    out, pos, end = [], step * per_step, (step + 1) * per_step
+    while pos < end:  # a step may run over the end of an epoch into the next
+        epoch, k = divmod(pos, n_examples)
+        take = min(end - pos, n_examples - k)
+        out += epoch_order(n_examples, seed, epoch)[k : k + take]
+        pos += take
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The order of epoch `epoch`: one seeded permutation, drawn once and kept (a step reads
+    512 of ViRL-39K's 38,870; drawing it per prompt took seconds per step)."""
+    perm = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+    return tuple(perm)
+
+
+def report_bad(where: str, rank: int, bad: list[str]) -> None:
+    """One line per rank naming the examples left out for an image that did not decode."""
+    if bad:
+        print(
+            f"{where} rank {rank}: {len(bad)} prompts left out, an image does not decode: "
+            f"{'; '.join(bad[:3])}",
+            file=sys.stderr,
+            flush=True,
+        )

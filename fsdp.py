@@ -10,6 +10,7 @@ tests exercise the code path an 8-GPU run takes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import gc
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections import defaultdict
 
 import torch
@@ -107,9 +109,6 @@ def load_model(
     train mode (`model.train()`), which train.py sets for the update alone. `bf16=False` keeps
     float32 compute on GPUs too (for checks); None: bf16 on GPUs.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
     from packing import use_packed_attention
@@ -117,13 +116,7 @@ def load_model(
     on_gpu = device.type == "cuda"
     bf16 = on_gpu if bf16 is None else bf16
     dtype = torch.bfloat16 if bf16 and not trainable else torch.float32
-    rank = dist.get_rank()
-    full_state, buffers = {}, {}
-    if rank == 0:
-        source = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
-        full_state = source.state_dict()
-        buffers = {name: b.clone() for name, b in source.named_buffers()}
-        del source
+    full_state, buffers = _read_on_rank0(path, dtype)
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
@@ -136,10 +129,51 @@ def load_model(
     elif freeze_vision:  # the release's cold start trains the language model only
         model.model.visual.requires_grad_(False)
 
+    _shard(model, device, bf16=bf16 and trainable)
+    model.to_empty(device=device)
+    _broadcast_weights(model, full_state, buffers)
+    model.model.language_model.register_forward_pre_hook(
+        _vision_on_every_rank(model), with_kwargs=True
+    )
+    # what the run computes in: the export is written in it (export_dtype)
+    model.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    return model.train() if trainable else model.eval()
+
+
+def _read_on_rank0(path: str, dtype: torch.dtype) -> tuple[dict, dict]:
+    """The checkpoint's state dict and buffers on rank 0; empty on the other ranks."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    if dist.get_rank() != 0:
+        return {}, {}
+    source = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    return source.state_dict(), {name: b.clone() for name, b in source.named_buffers()}
+
+
+def _broadcast_weights(model, full_state: dict, buffers: dict) -> None:
+    """Every rank's shards of rank 0's `full_state`, by broadcast, and the buffers."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    # Rotary frequencies are buffers outside the state dict: rank 0 computed them, all copy them.
+    for name, buffer in model.named_buffers():
+        if rank == 0:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
+
+
+def _shard(model, device: torch.device, *, bf16: bool) -> None:
+    """FSDP2 over all ranks: each vision block, the vision tower, each decoder layer, the root;
+    `bf16`: bf16 compute with float32 master weights and gradient reductions."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = (  # bf16 compute, float32 master weights and gradient reductions
+    mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if bf16 and trainable
+        if bf16
         else MixedPrecisionPolicy()
     )
     visual, text = model.model.visual, model.model.language_model
@@ -149,24 +183,6 @@ def load_model(
     for layer in text.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-
-    model.to_empty(device=device)
-    set_model_state_dict(
-        model,
-        full_state,
-        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-    )
-    # Rotary frequencies are buffers outside the state dict: rank 0 computed them, all copy them.
-    for name, buffer in model.named_buffers():
-        if rank == 0:
-            buffer.copy_(buffers[name])
-        dist.broadcast(buffer, src=0)
-    model.model.language_model.register_forward_pre_hook(
-        _vision_on_every_rank(model), with_kwargs=True
-    )
-    # what the run computes in: the export is written in it (export_dtype)
-    model.compute_dtype = torch.bfloat16 if bf16 else torch.float32
-    return model.train() if trainable else model.eval()
 
 
 def _vision_on_every_rank(model):
@@ -206,11 +222,11 @@ def _sum_tensors(nested) -> torch.Tensor:
 
 
 # =============================================================================================
-# Micro-batches that keep every rank in step
+# Micro-batches that keep every rank in step (the batching words: packing.py)
 # =============================================================================================
 
 
-def pack_by_tokens(costs: list[int], budget: int) -> list[list[int]]:
+def first_fit(costs: list[int], budget: int) -> list[list[int]]:
     """Indices grouped into micro-batches of at most `budget` tokens in all (first-fit, longest
     first). An item over the budget gets a micro-batch of its own, never dropped."""
     bins: list[list[int]] = []
@@ -228,20 +244,20 @@ def pack_by_tokens(costs: list[int], budget: int) -> list[list[int]]:
 
 
 def micro_batches(costs: list[int], budget: int) -> list[tuple[list[int], float]]:
-    """Micro-batches of this rank's items as `(indices, weight)`: multiply the micro-batch's
-    loss by `weight` before `backward()`.
+    """Micro-batches of this rank's items as `(indices, loss_scale)`: the micro-batch's loss is
+    multiplied by `loss_scale` before `backward()` (train.py says why where it does it).
 
     Every rank runs the same number of passes. FSDP2 all-gathers parameters in each forward and
     reduce-scatters gradients in each backward, so a rank that stopped early would leave the
     others waiting forever; a rank with fewer micro-batches instead repeats its first item with
-    weight 0 (the pass runs, nothing reaches the gradient). The weight of a real micro-batch is
-    the world size: FSDP averages gradients over ranks, but the losses here are already divided
+    loss_scale 0 (the pass runs, nothing reaches the gradient). A real micro-batch's loss_scale
+    is the world size: FSDP averages gradients over ranks, but the losses are already divided
     by counts summed over all ranks (loss.py's normalizers), so the average is undone and the
     summed gradient is the gradient of the whole mini-batch, however it is split.
     """
     if not costs:
         raise ValueError("micro_batches: this rank has no items (each rank needs at least one)")
-    batches = pack_by_tokens(costs, budget)
+    batches = first_fit(costs, budget)
     n = int(all_reduce([len(batches)], op=dist.ReduceOp.MAX)[0])
     world = float(dist.get_world_size())
     return [(b, world) for b in batches] + [(batches[0][:1], 0.0)] * (n - len(batches))
@@ -275,6 +291,26 @@ class Metrics:
         flat = all_reduce([x for n in names for x in (self.sums.get(n, 0.0), self.counts[n])])
         sums, counts = flat[0::2], flat[1::2]
         return {n: (s / c if c else s) for n, s, c in zip(names, sums, counts, strict=True)}
+
+
+class Clock:
+    """`with clock("phase"):` adds the phase's wall-clock seconds to `clock.seconds`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def log_row(out_dir: str, row: dict) -> None:
+    """Append one metrics row to `out_dir/metrics.jsonl` (rank 0)."""
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 # =============================================================================================

@@ -1,4 +1,5 @@
-"""The self-correction format of Octopus and the one `Config` with the paper's runs as presets.
+"""The self-correction format of Octopus, the one `Config` with the paper's runs as presets, and
+train.py's command line (every Config field a flag, checked once in `check_config`).
 
 A response is one generation `o1 + SC + o2` (arXiv 2602.08503, Sec. 3): `o1` is `<think>...</think>` and a
 `\\boxed{}` answer, `SC` the empty `<self-correction>` tag pair, `o2` a new answer from scratch.
@@ -7,9 +8,15 @@ A response may stop after `o1`. This module imports nothing from the project: co
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import os
 import re
+import sys
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 # ---------------------------------------------------------------------------------------------
 # The format (arXiv 2602.08503, Sec. 3), verbatim: the released checkpoint was trained with these.
@@ -98,7 +105,7 @@ class Config:
     experimental setup); `PRESETS` names the runs of Tables 2-3 and the CPU demo."""
 
     # what to run
-    stage: str = knob(
+    stage: Literal["sft", "1", "2"] = knob(
         "1",
         'what this stage trains: "sft" (cold start, Sec. 4.1), "1" (Stage I), "2" (Stage II and the baselines), Sec. 4.3',
     )
@@ -118,15 +125,15 @@ class Config:
     seed: int = knob(0, "seed of the data order, the engine and the splicing")
 
     # the method
-    reward_kind: str = knob(
+    reward_kind: Literal["octopus", "baseline"] = knob(
         "octopus",
         '"octopus" (Eq. 6 with the released guards) or "baseline" (0.9 acc + 0.1 fmt of the final answer)',
     )
-    prompt_suffix: str = knob(
+    prompt_suffix: Literal["octopus", "baseline"] = knob(
         "octopus",
         '"octopus" (asks for a self-correction) or "baseline" (plain): the instruction after each question',
     )
-    augment: str = knob(
+    augment: Literal["paper", "released", "random", "none"] = knob(
         "paper",
         'correction splicing: "paper" (Algorithm 1), "released" (the authors\' quotas), "random", "none"',
     )
@@ -138,11 +145,11 @@ class Config:
     )
 
     # the objective
-    ratio: str = knob(
+    ratio: Literal["token", "sequence", "sequence_token"] = knob(
         "sequence_token",
         'importance ratio: "token" (GRPO/DAPO, Eq. 1), "sequence" (GSPO, Eq. 2), "sequence_token" (GSPO-token, the released runs)',
     )
-    agg: str = knob(
+    agg: Literal["seq", "token"] = knob(
         "seq",
         'loss aggregation: "seq" (mean per sequence, then over sequences) or "token" (mean over all tokens)',
     )
@@ -152,7 +159,7 @@ class Config:
     kl_coef: float = knob(
         0.01, "coefficient of the k3 KL towards the stage's starting model (0: no reference model)"
     )
-    kl_tokens: str = knob(
+    kl_tokens: Literal["o1", "response"] = knob(
         "o1",
         'what the KL covers: "o1" (Stage I: the o1 tokens of samples with a correction) or "response" (every response token, the released GRPO script)',
     )
@@ -185,7 +192,7 @@ class Config:
     # optimizer
     lr: float = knob(1e-6, "AdamW learning rate")
     weight_decay: float = knob(0.1, "AdamW weight decay")
-    lr_schedule: str = knob(
+    lr_schedule: Literal["constant", "cosine"] = knob(
         "constant", 'after the warm-up: "constant" or "cosine" (to 0 at the last step)'
     )
     warmup_steps: int = knob(10, "linear warm-up steps")
@@ -366,3 +373,170 @@ def preset(name: str, **overrides) -> Config:
         known = ", ".join(sorted([*PRESETS, *SEQUENCES]))
         raise ValueError(f"unknown preset {name!r}; known: {known}")
     return Config().replace(**PRESETS[name]).replace(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a Config, and the command line of train.py
+# ---------------------------------------------------------------------------------------------
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The values a `Literal` field of Config accepts (empty for a free field)."""
+    hint = typing.get_type_hints(Config)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+
+
+def check_config(cfg: Config, world: int) -> None:
+    """Refuse, before anything is loaded, settings that cannot run: the one place a Config's
+    choices and batch shape are checked."""
+    for f in dataclasses.fields(Config):
+        allowed = choices(f.name)
+        if allowed and getattr(cfg, f.name) not in allowed:
+            listed = " or ".join(filter(None, [", ".join(allowed[:-1]), allowed[-1]]))
+            raise ValueError(f"--{f.name} must be {listed}; got {getattr(cfg, f.name)!r}")
+    if cfg.tensor_parallel != 1:
+        raise ValueError(
+            "--tensor_parallel must be 1: each rank samples its own prompts with its own engine "
+            "(vLLM's external launcher would need the same prompts and seed on every rank of a "
+            "tensor-parallel group). Qwen3-VL-8B fits one 80 GB GPU with TP 1."
+        )
+    if cfg.stage == "sft":
+        if cfg.sft_batch % world:
+            raise ValueError(f"--sft_batch {cfg.sft_batch} must divide by the {world} ranks")
+        return
+    if cfg.prompts_per_step % cfg.mini_batch_prompts or cfg.mini_batch_prompts % world:
+        raise ValueError(
+            f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of "
+            f"--mini_batch_prompts {cfg.mini_batch_prompts}, itself a multiple of the {world} ranks"
+        )
+
+
+def fit_lengths(cfg: Config, limit: int, log=print) -> Config:
+    """`max_prompt_len + max_response_len` cut to the model's context `limit` (the demo's tiny
+    model holds 4096 tokens, the paper's settings need 8192), with one `log` line saying so."""
+    if cfg.max_prompt_len + cfg.max_response_len <= limit:
+        return cfg
+    prompt = min(cfg.max_prompt_len, limit // 2)
+    fitted = cfg.replace(max_prompt_len=prompt, max_response_len=limit - prompt)
+    log(
+        f"[{cfg.stage}] max_prompt_len + max_response_len = {cfg.max_prompt_len} + "
+        f"{cfg.max_response_len} > {limit}, what {cfg.model} holds: using "
+        f"{fitted.max_prompt_len} + {fitted.max_response_len}"
+    )
+    return fitted
+
+
+def parse_args(argv: list[str], doc: str = "") -> tuple[str, dict, dict]:
+    """`--preset NAME` then any `--field value` of Config (`doc`: the script's docstring, for
+    --help). Returns the preset name, the overrides and the command-only flags (`export_only`,
+    `dry_run`)."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog="\n\n".join(doc.split("\n\n")[1:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset",
+        default="octopus-8b",
+        choices=sorted([*PRESETS, *SEQUENCES]),
+        help="a named run (Tables 2-3, the demo; octopus-8b: cold start, Stage I, Stage II in "
+        "one launch); the flags below override it",
+    )
+    parser.add_argument(
+        "--export_only",
+        action="store_true",
+        help="export the newest checkpoint of --out_dir to HF format and stop",
+    )
+    parser.add_argument(
+        "--dry_run", action="store_true", help="print the resolved config of every stage and stop"
+    )
+    for f in dataclasses.fields(Config):
+        kind, help_text = type(f.default), f.metadata.get("help", "")
+        if kind is bool:
+            extra = dict(type=_boolean, metavar="{true,false}")
+        elif kind is tuple:
+            extra = dict(type=float, nargs=2)
+        else:
+            extra = dict(type=kind)
+        parser.add_argument(f"--{f.name}", default=None, help=help_text, **extra)
+    args = vars(parser.parse_args(argv))
+    name = args.pop("preset")
+    flags = {"export_only": args.pop("export_only"), "dry_run": args.pop("dry_run")}
+    overrides = {
+        k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None
+    }
+    return name, overrides, flags
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def stage_configs(name: str, overrides: dict) -> list[Config]:
+    """The Config of each stage a launch runs: one for a preset, several for a sequence (each in
+    `out_dir/stage-<stage>`; the model of a later stage is filled in when the earlier ends)."""
+    if name not in SEQUENCES:
+        return [preset(name, **overrides)]
+    stages = [preset(p, **overrides) for p in SEQUENCES[name]]
+    root = stages[0].out_dir
+    stages = [c.replace(out_dir=os.path.join(root, f"stage-{c.stage}")) for c in stages]
+    # each later stage starts from the export of the one before (train.run_sequence passes it on)
+    return stages[:1] + [
+        c.replace(model=os.path.join(prev.out_dir, "export"))
+        for prev, c in zip(stages, stages[1:], strict=False)
+    ]
+
+
+def missing_data(stages: list[Config]) -> list[str]:
+    """`--flag path` for each data path the stages read that does not exist (the cold start reads
+    sft_data, RL stages train_data; val_data when set and --val_every is not 0); "synthetic:N"
+    needs no file."""
+    missing = []
+    for cfg in stages:
+        needed = ["sft_data" if cfg.stage == "sft" else "train_data"]
+        for flag in needed + (["val_data"] if cfg.val_data and cfg.val_every else []):
+            path = getattr(cfg, flag)
+            if path.startswith("synthetic:") or (path and os.path.exists(path)):
+                continue
+            entry = f"--{flag} {path}" if path else f"--{flag} (empty)"
+            if entry not in missing:
+                missing.append(entry)
+    order = ("--sft_data", "--train_data", "--val_data")
+    return sorted(missing, key=lambda e: order.index(e.split()[0]))
+
+
+def missing_data_message(missing: list[str]) -> str:
+    return (
+        f'[data] not found: {", ".join(missing)}. The README section "Getting the data" has '
+        "the commands that fetch ViRL-39K, Geometry3K and LLaVA-CoT and build the cold-start "
+        "chats into these paths; or point the flags elsewhere."
+    )
+
+
+def plan_launch(argv: list[str], doc: str = "") -> tuple[list[Config], bool] | None:
+    """What a launch of train.py runs: the stages' configs and whether it only exports. None
+    for `--dry_run`, which prints each stage's config (rank 0) and what data is missing. Missing
+    data stops the launch here, before any model loads: one message, no traceback."""
+    name, overrides, flags = parse_args(argv, doc)
+    stages = stage_configs(name, overrides)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank runs this
+    missing = missing_data(stages)
+    if flags["dry_run"]:
+        for cfg in stages:
+            check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            if rank0:
+                print(json.dumps(dataclasses.asdict(cfg)))
+        if missing and rank0:
+            print(missing_data_message(missing), file=sys.stderr)
+        return None
+    if missing and not flags["export_only"]:
+        if rank0:
+            print(missing_data_message(missing), file=sys.stderr, flush=True)
+        # exit status 1 alone; under torchrun 0, since a failed child makes the launcher print
+        # its own traceback (ChildFailedError) under the message and bury it
+        sys.exit(0 if "TORCHELASTIC_RUN_ID" in os.environ else 1)
+    return stages, flags["export_only"]

@@ -57,6 +57,13 @@ class Packed:
     lengths: list[int]  # tokens of each response, in order
 
 
+def encode_prompt(processor, prompt: dict) -> dict:
+    """The processor's tensors for one rendered prompt (rollout.render_prompt): ids, image
+    patches, grid, token types; what `pack` takes as a segment's prompt."""
+    enc = processor(text=[prompt["prompt"]], images=prompt["images"] or None, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k != "attention_mask"}
+
+
 def pack(segments: list[tuple[dict, list[list[int]]]], rope_index: Callable) -> Packed:
     """Pack one micro-batch's `(prompt, responses)` segments into one row.
 
@@ -111,7 +118,7 @@ def pack(segments: list[tuple[dict, list[list[int]]]], rope_index: Callable) -> 
     )
 
 
-def chunk_groups(
+def segment_groups(
     prompt_lens: list[int], response_lens: list[list[int]], budget: int, *, shared: bool = True
 ) -> list[tuple[int, list[int]]]:
     """Groups (given by their prompt and response lengths) cut into segments of at most

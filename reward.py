@@ -114,7 +114,8 @@ def response_reward(
         o1_answered=bool((answer_of(o1) or "").strip()),
         o2_format=fmt_o2,
     )
-    return Score(octopus_reward(r_prime, fmt_o1, fmt_o2), min(fmt_o1, fmt_o2), a1, a2, a2, True)
+    fmt = well_formed(fmt_o1, fmt_o2)
+    return Score(octopus_reward(r_prime, fmt_o1, fmt_o2), fmt, a1, a2, a2, True)
 
 
 def score(response: str, ground_truth: str, *, kind: str = "octopus") -> Score:
@@ -241,6 +242,13 @@ def format_reward(part: str) -> float:
     after = s[s.index("</think>") + len("</think>") :]
     box = after.find("\\boxed{")
     return 1.0 if box >= 0 and "}" in after[box + len("\\boxed{") :] else 0.0
+
+
+def well_formed(fmt_o1: float, fmt_o2: float | None) -> float:
+    """The format of every part a response has: fmt(o1), and min(fmt(o1), fmt(o2)) when it
+    corrected itself (`fmt_o2` None: it stopped after o1, a choice the format allows, not a
+    broken format). Eq. 6's own min, and what train.py and eval.py log as `format`."""
+    return fmt_o1 if fmt_o2 is None else min(fmt_o1, fmt_o2)
 
 
 # ---------------------------------------------------------------------------------------------

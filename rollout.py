@@ -211,6 +211,35 @@ def _say(line: str) -> None:
         print(line, file=sys.stderr)
 
 
+def clamp_model_len(model: str, max_model_len: int) -> int:
+    """`max_model_len` cut to what `model` allows, with one line saying so."""
+    limit = model_max_len(model)
+    if max_model_len > limit:
+        _say(
+            f"[engine] max_model_len {max_model_len} > {limit}, what {model} allows: using {limit}"
+        )
+        return limit
+    return max_model_len
+
+
+def image_size(model: str, min_pixels: int | None, max_pixels: int | None) -> dict | None:
+    """The image processor's `size` of `model` narrowed to `min_pixels..max_pixels` (None when
+    neither is given); a range that does not fit the processor's is refused with one line."""
+    if min_pixels is None and max_pixels is None:
+        return None
+    from transformers import AutoImageProcessor
+
+    own = AutoImageProcessor.from_pretrained(model).size
+    own = {"shortest_edge": own["shortest_edge"], "longest_edge": own["longest_edge"]}
+    wanted = (min_pixels or 0, max_pixels or own["longest_edge"])
+    if max(wanted[0], own["shortest_edge"]) > min(wanted[1], own["longest_edge"]):
+        _say(
+            f"[engine] images of {min_pixels}..{max_pixels} pixels do not fit {model}'s "
+            f"processor ({own['shortest_edge']}..{own['longest_edge']}): using its own"
+        )
+    return narrow_image_size(own, min_pixels, max_pixels)
+
+
 class VLLMEngine:
     """vLLM `LLM`, colocated: under torchrun each rank owns an engine for its own prompts
     (`distributed_executor_backend="external_launcher"`).
@@ -243,13 +272,7 @@ class VLLMEngine:
     ) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         check_tensor_parallel(tensor_parallel, world)
-        limit = model_max_len(model)
-        if max_model_len > limit:
-            _say(
-                f"[engine] max_model_len {max_model_len} > {limit}, what {model} allows: using {limit}"
-            )
-            max_model_len = limit
-        self.max_model_len = max_model_len
+        self.max_model_len = max_model_len = clamp_model_len(model, max_model_len)
         self.on_gpu = torch.cuda.is_available()
         self.sleep_mode = sleep_mode
         dtype = dtype if dtype != "auto" else ("bfloat16" if self.on_gpu else "float32")
@@ -265,17 +288,8 @@ class VLLMEngine:
             enforce_eager=(not self.on_gpu) if enforce_eager is None else enforce_eager,
             load_format=load_format,
         )
-        self.image_size = None
-        if min_pixels is not None or max_pixels is not None:
-            from transformers import AutoImageProcessor
-
-            own = AutoImageProcessor.from_pretrained(model).size
-            own = {"shortest_edge": own["shortest_edge"], "longest_edge": own["longest_edge"]}
-            self.image_size = narrow_image_size(own, min_pixels, max_pixels)
-            wanted = (min_pixels or 0, max_pixels or own["longest_edge"])
-            if max(wanted[0], own["shortest_edge"]) > min(wanted[1], own["longest_edge"]):
-                _say(f"[engine] images of {min_pixels}..{max_pixels} pixels do not fit {model}'s "
-                     f"processor ({own['shortest_edge']}..{own['longest_edge']}): using its own")  # fmt: skip
+        self.image_size = image_size(model, min_pixels, max_pixels)
+        if self.image_size is not None:
             # Qwen-VL's processor takes `size` (min/max_pixels are deprecated in transformers
             # 5.19); vLLM 0.32 folds either into `size` (vllm/model_executor/models/qwen2_vl.py,
             # `_get_vision_size`). EasyR1 and verl resize images before the engine instead.
@@ -418,3 +432,21 @@ class VLLMEngine:
         `dist.is_initialized()`."""
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+
+
+def engine_for(cfg, examples: list[dict], rank: int) -> VLLMEngine:
+    """This rank's colocated engine for a training stage of `cfg` (octopus.Config), with random
+    weights: train.py's first sync (or the one before the first validation) fills them."""
+    return VLLMEngine(
+        cfg.model,
+        max_model_len=cfg.max_prompt_len + cfg.max_response_len,
+        seed=cfg.seed + rank,
+        tensor_parallel=cfg.tensor_parallel,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        kv_cache_gb=cfg.kv_cache_gb,
+        enforce_eager=cfg.enforce_eager or None,
+        max_images=cfg.max_images or max_images_of(examples),
+        min_pixels=cfg.min_pixels,
+        max_pixels=cfg.max_pixels,
+        load_format="dummy",
+    )

@@ -33,15 +33,12 @@ What this simplifies relative to the paper's EasyR1 runs:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
 import random
 import sys
-import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: the engine in process
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -60,14 +57,9 @@ from augment import (  # noqa: E402
     splice_group,
     transition_counts,
 )
-from data import (  # noqa: E402
-    decode_examples,
-    load_examples,
-    prompt_length,
-    synthetic_coldstart,
-    synthetic_task,
-)
+from data import decode_examples, examples_of_step, load_stage_data, report_bad  # noqa: E402
 from fsdp import (  # noqa: E402
+    Clock,
     Metrics,
     all_reduce,
     export_hf,
@@ -77,28 +69,27 @@ from fsdp import (  # noqa: E402
     load_checkpoint,
     load_model,
     log0,
+    log_row,
     micro_batches,
     save_checkpoint,
     setup_distributed,
 )
 from loss import count_for, group_advantages, policy_loss, policy_loss_with_kl, sft_loss  # noqa: E402
 from octopus import (  # noqa: E402
-    BASELINE_SUFFIX,
-    OCTOPUS_SUFFIX,
-    PRESETS,
     SC,
-    SEQUENCES,
     Config,
-    preset,
+    check_config,
+    fit_lengths,
+    plan_launch,
     split_response,
 )
-from packing import chunk_groups, pack, response_logprobs  # noqa: E402
-from reward import format_reward, score_batch  # noqa: E402
+from packing import encode_prompt, pack, response_logprobs, segment_groups  # noqa: E402
+from reward import format_reward, score_batch, well_formed  # noqa: E402
 from rollout import (  # noqa: E402
     Generation,
     Sampling,
     VLLMEngine,
-    max_images_of,
+    engine_for,
     model_max_len,
     render_prompt,
 )
@@ -162,7 +153,7 @@ def rl_step(t: Trainer, step: int) -> dict:
     # images are decoded here, not at load; a prompt whose image does not decode is left out
     examples, bad = step_examples(t, step, cfg.prompts_per_step)
     prompts = [render_prompt(t.processor, e["messages"]) for e in examples]
-    rng = random.Random(cfg.seed * 7919 + step * dist.get_world_size() + dist.get_rank())
+    rng = random.Random(step_seed(cfg, step))
 
     with clock("generate"):  # n rollouts per prompt from the engine, which then sleeps
         generations = generate(t, prompts, step)
@@ -198,7 +189,7 @@ def generate(t: Trainer, prompts: list[dict], step: int) -> list[list[Generation
     sleeps so the update has the GPU memory."""
     cfg = t.cfg
     # the engine samples from torch's RNG: seeded per step and rank, a run is reproducible
-    torch.manual_seed(cfg.seed * 7919 + step * dist.get_world_size() + dist.get_rank())
+    torch.manual_seed(step_seed(cfg, step))
     t.engine.wake()
     sampling = Sampling(
         temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_len
@@ -206,6 +197,12 @@ def generate(t: Trainer, prompts: list[dict], step: int) -> list[list[Generation
     groups = t.engine.generate(prompts, cfg.n_rollouts, sampling)
     t.engine.sleep()
     return groups
+
+
+def step_seed(cfg: Config, step: int) -> int:
+    """The seed of this rank's step: the engine's sampling and the splicing draw from it, so a
+    run (and a resumed run) is reproducible and no two ranks or steps share a stream."""
+    return cfg.seed * 7919 + step * dist.get_world_size() + dist.get_rank()
 
 
 def score_rollouts(t: Trainer, examples: list[dict], generations: list[list[Generation]]):
@@ -228,9 +225,10 @@ def make_group(t: Trainer, example: dict, prompt: dict, generations, scores, rng
     ]
     sc_ids = tok.encode(SC, add_special_tokens=False)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    samples = splice_group(rollouts, cfg.n_train, sc_ids, eos, tokenizer=tok, rng=rng,
-                           concat_ids=not cfg.canonical_splices, mode=cfg.augment,
-                           max_len=cfg.max_response_len)  # fmt: skip
+    samples = splice_group(
+        rollouts, cfg.n_train, sc_ids, eos, tokenizer=tok, rng=rng,
+        concat_ids=not cfg.canonical_splices, mode=cfg.augment, max_len=cfg.max_response_len,
+    )  # fmt: skip
     too_long = count_overlong(rollouts, sc_ids, cfg.max_response_len, mode=cfg.augment)
     advantages = group_advantages(torch.tensor([s.reward for s in samples]))  # (N,)
     items = []
@@ -238,10 +236,19 @@ def make_group(t: Trainer, example: dict, prompt: dict, generations, scores, rng
         policy, kl = loss_masks(sample, cfg.stage)
         if cfg.kl_tokens == "response":
             kl = [1] * len(sample.ids)
-        items.append(Item(sample.ids, advantage, torch.tensor(policy, dtype=torch.float32),
-                          torch.tensor(kl, dtype=torch.float32)))  # fmt: skip
-    return Group(example, encode_prompt(t.processor, prompt), generations, rollouts, samples,
-                 items, too_long)  # fmt: skip
+        masks = [torch.tensor(m, dtype=torch.float32) for m in (policy, kl)]
+        items.append(Item(sample.ids, advantage, *masks))
+    prompt = encode_prompt(t.processor, prompt)
+    return Group(example, prompt, generations, rollouts, samples, items, too_long)
+
+
+def step_examples(t: Trainer, step: int, per_step: int) -> tuple[list[dict], list[str]]:
+    """This rank's examples of `step`, images decoded (data.examples_of_step); an RL rank needs
+    one per mini-batch to stay in step with the others' collectives."""
+    cfg, rank, world = t.cfg, dist.get_rank(), dist.get_world_size()
+    need = 1 if cfg.stage == "sft" else max(cfg.prompts_per_step // cfg.mini_batch_prompts, 1)
+    where = f"[{cfg.stage}] step {step + 1}"
+    return examples_of_step(t.train, step, per_step, cfg.seed, rank, world, need, where)
 
 
 def mini_batches_of(groups: list[Group], cfg: Config) -> list[list[Group]]:
@@ -322,54 +329,59 @@ def accumulate_gradients(t: Trainer, groups: list[Group], *, on_policy: bool = F
     )
     kw = dict(ratio=cfg.ratio, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
               clip_dual=cfg.clip_dual, agg=cfg.agg)  # fmt: skip
-    stats, real_passes = {}, 0
-    for chunk, logps, weight in forward_chunks(t, t.model, groups, cfg.update_token_budget):
-        batch = [groups[g].items[k] for g, ks in chunk for k in ks]
-        if on_policy and weight:
+    stats, real_passes, dev = {}, 0, t.device
+    pairs = [(g.prompt, [it.ids for it in g.items]) for g in groups]
+    budget = cfg.update_token_budget
+    for segments, logps, loss_scale in forward_micro_batches(t, t.model, pairs, budget):
+        batch = [groups[g].items[k] for g, ks in segments for k in ks]
+        if on_policy and loss_scale:
             for it, lp in zip(batch, logps, strict=True):
                 it.old_logp = lp.detach().cpu()
         logp = pad_sequence(logps, batch_first=True)  # (B, R)
-        old = pad(
-            [lp.detach() for lp in logps] if on_policy else [it.old_logp for it in batch], t
-        )  # (B, R)
-        policy_mask = pad([it.policy_mask for it in batch], t)  # (B, R)
-        advantages = torch.tensor([it.advantage for it in batch], device=t.device)  # (B,)
+        old = [lp.detach() for lp in logps] if on_policy else [it.old_logp for it in batch]
+        old = pad(old, dev)  # (B, R)
+        policy_mask = pad([it.policy_mask for it in batch], dev)  # (B, R)
+        advantages = torch.tensor([it.advantage for it in batch], device=dev)  # (B,)
         if t.ref_model is not None:
-            loss, m = policy_loss_with_kl(logp, old, pad([it.ref_logp for it in batch], t),
-                                          advantages, policy_mask,
-                                          pad([it.kl_mask for it in batch], t),
+            ref = pad([it.ref_logp for it in batch], dev)  # (B, R)
+            kl_mask = pad([it.kl_mask for it in batch], dev)  # (B, R)
+            loss, m = policy_loss_with_kl(logp, old, ref, advantages, policy_mask, kl_mask,
                                           kl_coef=cfg.kl_coef, policy_normalizer=policy_count,
                                           kl_normalizer=kl_count, **kw)  # fmt: skip
         else:
             loss, m = policy_loss(logp, old, advantages, policy_mask, normalizer=policy_count, **kw)
-        (loss * weight).backward()
-        if weight:
+        # loss_scale: the world size undoes FSDP's average over ranks, since the normalizers
+        # already count every rank; 0 marks a pass that only keeps the ranks' collectives in step
+        (loss * loss_scale).backward()
+        if loss_scale:
             real_passes += 1
             for name, value in m.items():
                 stats[name] = stats.get(name, 0.0) + value
     return {k: v / max(real_passes, 1) for k, v in stats.items() if k != "tokens"}
 
 
-def forward_chunks(t: Trainer, model, groups: list[Group], budget: int):
-    """Yield `(chunk, logps, weight)` per micro-batch: `chunk` lists `(group, item indices)`,
-    `logps` the log-probs of those items' tokens (one (n,) tensor each, in chunk order),
-    `weight` what the micro-batch's loss is multiplied by (fsdp.micro_batches: 0 for the empty
-    passes that keep ranks in step, else the world size).
+def forward_micro_batches(
+    t: Trainer, model, groups: list[tuple[dict, list[list[int]]]], budget: int
+):
+    """Yield `(segments, logps, loss_scale)` per micro-batch of `groups`, each a prompt's tensors
+    and its responses' ids: `segments` lists the micro-batch's `(group, response indices)`,
+    `logps` the log-probs of those responses' tokens (one (n,) tensor each, in segment order),
+    `loss_scale` what the micro-batch's loss is multiplied by (fsdp.micro_batches).
 
-    Each group's prompt runs once per micro-batch it appears in (packing.py), not once per
-    sample: with 16 samples per prompt that removes most of the prompt tokens of the update and
-    of both log-prob passes.
+    The batching words (mini-batch -> micro-batch -> segment) are packing.py's. Each group's
+    prompt runs once per micro-batch it appears in, not once per sample: with 16 samples per
+    prompt that removes most of the prompt tokens of the update and of both log-prob passes.
     """
-    prompt_lens = [g.prompt["input_ids"].shape[1] for g in groups]
-    response_lens = [[len(it.ids) for it in g.items] for g in groups]
-    chunks = chunk_groups(prompt_lens, response_lens, budget, shared=t.cfg.shared_prompt)
-    costs = [prompt_lens[g] + sum(response_lens[g][k] for k in ks) for g, ks in chunks]
+    prompt_lens = [prompt["input_ids"].shape[1] for prompt, _ in groups]
+    response_lens = [[len(ids) for ids in responses] for _, responses in groups]
+    cut = segment_groups(prompt_lens, response_lens, budget, shared=t.cfg.shared_prompt)
+    costs = [prompt_lens[g] + sum(response_lens[g][k] for k in ks) for g, ks in cut]
     rope_index = model.model.get_rope_index
-    for indices, weight in micro_batches(costs, budget):
-        chunk = [chunks[i] for i in indices]
-        packed = pack([(groups[g].prompt, [groups[g].items[k].ids for k in ks]) for g, ks in chunk],
-                      rope_index)  # fmt: skip
-        yield chunk, response_logprobs(model, packed, t.device, t.cfg.temperature), weight
+    for indices, loss_scale in micro_batches(costs, budget):
+        segments = [cut[i] for i in indices]
+        rows = [(groups[g][0], [groups[g][1][k] for k in ks]) for g, ks in segments]
+        packed = pack(rows, rope_index)  # the micro-batch in one row (packing.py)
+        yield segments, response_logprobs(model, packed, t.device, t.cfg.temperature), loss_scale
 
 
 @torch.no_grad()
@@ -381,10 +393,12 @@ def logprobs(t: Trainer, groups: list[Group], model=None) -> list[list[torch.Ten
     model = model if model is not None else t.model
     model.eval()
     out = [[None] * len(g.items) for g in groups]
-    for chunk, logps, weight in forward_chunks(t, model, groups, t.cfg.logprob_token_budget):
-        if weight:  # an empty pass's results are not kept
+    pairs = [(g.prompt, [it.ids for it in g.items]) for g in groups]
+    budget = t.cfg.logprob_token_budget
+    for segments, logps, loss_scale in forward_micro_batches(t, model, pairs, budget):
+        if loss_scale:  # 0: a pass that only keeps the ranks in step, its results dropped
             at = iter(logps)
-            for g, ks in chunk:
+            for g, ks in segments:
                 for k in ks:
                     out[g][k] = next(at).cpu()
     # FSDP2 keeps the root (embeddings, LM head: 2.3 GiB at 8B in bf16) gathered after a forward
@@ -393,9 +407,9 @@ def logprobs(t: Trainer, groups: list[Group], model=None) -> list[list[torch.Ten
     return out
 
 
-def pad(rows: list[torch.Tensor], t: Trainer) -> torch.Tensor:
-    """Right-pad 1-D tensors with zeros and stack them on the device: (B, longest)."""
-    return pad_sequence([r.to(t.device) for r in rows], batch_first=True)
+def pad(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Right-pad 1-D tensors with zeros and stack them on `device`: (B, longest)."""
+    return pad_sequence([r.to(device) for r in rows], batch_first=True)
 
 
 def sync_engine(t: Trainer) -> None:
@@ -413,28 +427,9 @@ def sync_engine(t: Trainer) -> None:
     t.engine.wake(["kv_cache"])
 
 
-def encode_prompt(processor, prompt: dict) -> dict:
-    """The processor's tensors for one rendered prompt (ids, image patches, grid, token types)."""
-    enc = processor(text=[prompt["prompt"]], images=prompt["images"] or None, return_tensors="pt")
-    return {k: v for k, v in enc.items() if k != "attention_mask"}
-
-
 # =============================================================================================
 # Metrics and the samples dump
 # =============================================================================================
-
-
-class Clock:
-    """`with clock("phase"):` adds the phase's wall-clock seconds to `clock.seconds`."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def step_metrics(
@@ -452,10 +447,9 @@ def step_metrics(
             m.add("acc_o1", float(r.o1_correct))
             m.add("acc_final", float(r.final_correct))
             corrected = r.o1_sc_len is not None
-            # well-formed as the reward sees it: o1, and o2 when the model corrected itself
-            # (stopping after o1 is a choice the format allows, not a broken format)
-            m.add("format", min(r.o1_format, r.o2_format) if corrected else r.o1_format)
-            m.add("sc_format", float(corrected and min(r.o1_format, r.o2_format) == 1.0))
+            fmt = well_formed(r.o1_format, r.o2_format if corrected else None)
+            m.add("format", fmt)  # o1, and o2 when the model corrected itself
+            m.add("sc_format", float(corrected and fmt == 1.0))  # o1 + SC + o2, well-formed
             m.add("corrects_itself", float(corrected))
             m.add("format_o1", r.o1_format)  # what breaks the format, when it breaks
             if corrected:
@@ -471,11 +465,10 @@ def step_metrics(
             m.add_total(f"train_{name}", value)  # ... and among trained samples
         m.add("samples_per_prompt", len(g.samples))
         m.add_total("splice_too_long", g.too_long)
-    for s in stats:
+    for s in stats:  # the loss statistics and grad_norm of each mini-batch
         for name, value in s.items():
-            if name not in ("grad_norm", "skipped_steps"):
+            if name != "skipped_steps":
                 m.add(name, value)
-        m.add("grad_norm", s["grad_norm"])
     row_skipped = sum(s["skipped_steps"] for s in stats)  # the same on every rank: not summed
     for phase, seconds in clock.seconds.items():
         m.add(f"time_{phase}", seconds)
@@ -498,25 +491,16 @@ def dump_groups(t: Trainer, step: int, groups: list[Group]) -> None:
             for s, it in zip(g.samples, g.items, strict=True):
                 trained = int(it.policy_mask.sum())
                 cut = len(s.ids) - trained if 0 < trained < len(s.ids) else 0
-                rows.append({
-                    "kind": s.kind, "source": list(s.source), "reward": round(s.reward, 4),
-                    "advantage": round(it.advantage, 4),
-                    "trains": "all" if cut == 0 and trained else ("none" if not trained else "o2"),
-                    "kl_tokens": int(it.kl_mask.sum()),
-                    "masked_text": tok.decode(s.ids[:cut]) if cut else "",
-                    "trained_text": tok.decode(s.ids[cut:]),
-                })  # fmt: skip
-            question = " ".join(c["text"] for c in g.example["messages"][0]["content"]
-                                if c["type"] == "text")  # fmt: skip
-            f.write(json.dumps({"step": step + 1, "id": g.example["id"], "answer":
-                                g.example["answer"], "question": question[:300],
-                                "samples": rows}) + "\n")  # fmt: skip
-
-
-def log_row(out_dir: str, row: dict) -> None:
-    if dist.get_rank() == 0:
-        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+                trains = "all" if cut == 0 and trained else ("none" if not trained else "o2")
+                rows.append(dict(kind=s.kind, source=list(s.source), reward=round(s.reward, 4),
+                                 advantage=round(it.advantage, 4), trains=trains,
+                                 kl_tokens=int(it.kl_mask.sum()),
+                                 masked_text=tok.decode(s.ids[:cut]) if cut else "",
+                                 trained_text=tok.decode(s.ids[cut:])))  # fmt: skip
+            content = g.example["messages"][0]["content"]
+            question = " ".join(c["text"] for c in content if c["type"] == "text")[:300]
+            head = dict(step=step + 1, id=g.example["id"], answer=g.example["answer"])
+            f.write(json.dumps({**head, "question": question, "samples": rows}) + "\n")
 
 
 # =============================================================================================
@@ -532,14 +516,14 @@ def validate(t: Trainer, step: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     val = t.val[: cfg.val_max_prompts] if cfg.val_max_prompts else t.val
     mine, bad = decode_examples(val[rank::world])
-    report_bad(f"[val] step {step + 1}", bad)
+    report_bad(f"[val] step {step + 1}", rank, bad)
     metrics = Metrics()
     metrics.add_total("val_bad_images", len(bad))
     if mine:
         prompts = [render_prompt(t.processor, e["messages"]) for e in mine]
         torch.manual_seed(cfg.seed + 104_729 * (step + 1) + rank)
-        sampling = Sampling(temperature=cfg.val_temperature, top_p=cfg.val_top_p,
-                            max_tokens=cfg.max_response_len)  # fmt: skip
+        top_p, max_len = cfg.val_top_p, cfg.max_response_len
+        sampling = Sampling(temperature=cfg.val_temperature, top_p=top_p, max_tokens=max_len)
         groups = t.engine.generate(prompts, cfg.val_n, sampling)
         texts = [tok.decode(g.ids, skip_special_tokens=True) for group in groups for g in group]
         truths = [e["answer"] for e in mine for _ in range(cfg.val_n)]
@@ -547,19 +531,14 @@ def validate(t: Trainer, step: int) -> dict:
             metrics.add("val_reward", s.reward)
             metrics.add("val_acc_final", s.acc_final)  # acc@2: the final answer
             metrics.add("val_acc_o1", s.acc_o1)  # acc@1: the first answer
-            fmt = well_formed(text)
+            o1, o2 = split_response(text)
+            fmt = well_formed(format_reward(o1), None if o2 is None else format_reward(o2))
             metrics.add("val_format", fmt)  # o1, and o2 when there is one, well-formed
             metrics.add("val_sc_format", float(s.has_correction and fmt == 1.0))  # o1 + SC + o2
             metrics.add("val_corrects_itself", float(s.has_correction))
             metrics.add("val_wc", float(s.has_correction and s.acc_o1 < s.acc_final))
             metrics.add("val_cw", float(s.has_correction and s.acc_o1 > s.acc_final))
     return metrics.reduce()
-
-
-def well_formed(text: str) -> float:
-    """fmt of every part the response has: o1, and o2 when it corrected itself."""
-    o1, o2 = split_response(text)
-    return min(format_reward(o1), format_reward(o2)) if o2 is not None else format_reward(o1)
 
 
 # =============================================================================================
@@ -574,21 +553,23 @@ def sft_step(t: Trainer, step: int) -> dict:
     with clock("update"):
         examples, bad = step_examples(t, step, cfg.sft_batch)
         eos = tok.convert_tokens_to_ids("<|im_end|>")
-        groups = [
-            Group(e, encode_prompt(t.processor, render_prompt(t.processor, e["messages"])), [],
-                  [], [], [_sft_item(tok.encode(e["response"], add_special_tokens=False)
-                                     [: cfg.sft_max_len] + [eos])])
+        pairs = [  # (prompt, [response]): the chat's response is the one sample of its prompt
+            (
+                encode_prompt(t.processor, render_prompt(t.processor, e["messages"])),
+                [tok.encode(e["response"], add_special_tokens=False)[: cfg.sft_max_len] + [eos]],
+            )
             for e in examples
-        ]  # fmt: skip
-        total = all_reduce([sum(len(g.items[0].ids) for g in groups)])[0]
+        ]
+        total = all_reduce([sum(len(ids[0]) for _, ids in pairs)])[0]
+        budget = cfg.update_token_budget
         t.model.train()
         loss_sum = 0.0
-        for _, logps, weight in forward_chunks(t, t.model, groups, cfg.update_token_budget):
+        for _, logps, loss_scale in forward_micro_batches(t, t.model, pairs, budget):
             logp = pad_sequence(logps, batch_first=True)  # (B, R)
-            mask = pad([torch.ones(len(lp)) for lp in logps], t)  # (B, R)
+            mask = pad([torch.ones(len(lp)) for lp in logps], t.device)  # (B, R)
             loss = sft_loss(logp, mask, normalizer=total)  # mean NLL over the whole batch
-            (loss * weight).backward()
-            loss_sum += loss.item() * bool(weight)  # this rank's share of the global mean
+            (loss * loss_scale).backward()  # loss_scale: as in accumulate_gradients
+            loss_sum += loss.item() * bool(loss_scale)  # this rank's share of the global mean
         grad_norm, skipped = optimizer_step(t)
         t.scheduler.step()
     m = Metrics()
@@ -596,18 +577,13 @@ def sft_step(t: Trainer, step: int) -> dict:
     m.add_total("bad_images", len(bad))
     m.add("time_update", clock.seconds["update"])
     row = m.reduce()
-    row.update(grad_norm=grad_norm, skipped_steps=float(skipped), lr=t.scheduler.get_last_lr()[0],
-               data_skipped=t.skipped_rows, engine_asleep=float(t.engine.asleep))  # fmt: skip
+    row.update(grad_norm=grad_norm, skipped_steps=float(skipped), lr=t.scheduler.get_last_lr()[0])
+    row.update(data_skipped=t.skipped_rows, engine_asleep=float(t.engine.asleep))
     return row
 
 
-def _sft_item(ids: list[int]) -> Item:
-    ones = torch.ones(len(ids))
-    return Item(ids, 0.0, ones, torch.zeros(len(ids)))
-
-
 # =============================================================================================
-# One stage, top to bottom
+# One stage, top to bottom; the launch
 # =============================================================================================
 
 
@@ -616,9 +592,14 @@ def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLME
     the engine, which a following stage reuses (a sync replaces its weights)."""
     t, start, total_steps = build_trainer(cfg, engine)
     rank, sft = dist.get_rank(), cfg.stage == "sft"
-    wandb = _wandb(cfg) if rank == 0 and cfg.wandb_project else None
-    bar = tqdm(range(start, total_steps), disable=rank != 0, desc=f"stage {cfg.stage}",
-               initial=start, total=total_steps)  # fmt: skip
+    wandb = None
+    if rank == 0 and cfg.wandb_project:
+        import wandb
+
+        name = os.path.basename(cfg.out_dir)
+        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), name=name)
+    steps = range(start, total_steps)
+    bar = tqdm(steps, desc=f"stage {cfg.stage}", initial=start, total=total_steps, disable=rank > 0)
     for step in bar:
         row = sft_step(t, step) if sft else rl_step(t, step)
         if cfg.val_every and t.val and (step + 1) % cfg.val_every == 0:
@@ -634,8 +615,8 @@ def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLME
         shown = ("reward", "acc_final", "format", "sft_loss", "val_acc_final")
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in shown})
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            save_checkpoint(cfg.out_dir, step + 1, t.model, t.optimizer, t.scheduler,
-                            keep=cfg.keep_checkpoints)  # fmt: skip
+            keep = cfg.keep_checkpoints
+            save_checkpoint(cfg.out_dir, step + 1, t.model, t.optimizer, t.scheduler, keep=keep)
         if sft and (cfg.sft_stop_acc or cfg.sft_stop_format) and "val_acc_final" in row:
             acc, fmt = row["val_acc_final"], row["val_sc_format"]
             if acc >= cfg.sft_stop_acc and fmt >= cfg.sft_stop_format:
@@ -656,7 +637,7 @@ def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Traine
 
     rank, world, device = setup_distributed()
     check_config(cfg, world)
-    cfg = fit_lengths(cfg, model_max_len(cfg.model))
+    cfg = fit_lengths(cfg, model_max_len(cfg.model), log=log0)
     random.seed(cfg.seed + rank)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0:
@@ -664,18 +645,12 @@ def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Traine
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     processor = AutoProcessor.from_pretrained(cfg.model)
     sft = cfg.stage == "sft"
-    train, skipped = load_split(cfg.sft_data if sft else cfg.train_data, cfg, processor,
-                                seed=cfg.seed, sft=sft)  # fmt: skip
-    validates = bool(cfg.val_data and cfg.val_every)  # --val_every 0: val_data is not read
-    val = load_split(cfg.val_data, cfg, processor, seed=cfg.seed + 1)[0] if validates else []
-    if not train:
-        data = cfg.sft_data if sft else cfg.train_data
-        raise SystemExit(f"[{cfg.stage}] {data}: no usable training rows ({skipped} skipped)")
+    train, val, skipped = load_stage_data(cfg, processor, log=log0)
     per_step = cfg.sft_batch if sft else cfg.prompts_per_step
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train) / per_step)
 
-    model = load_model(cfg.model, device, gradient_checkpointing=cfg.gradient_checkpointing,
-                       freeze_vision=cfg.freeze_vision)  # fmt: skip
+    kw = dict(gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
+    model = load_model(cfg.model, device, **kw)
     uses_kl = cfg.kl_coef > 0 and (cfg.stage == "1" or cfg.kl_tokens == "response")
     ref_model = load_model(cfg.model, device, trainable=False) if uses_kl and not sft else None
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
@@ -684,67 +659,20 @@ def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Traine
     if ckpt:
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
         log0(f"[{cfg.stage}] resumed from {ckpt} (step {start})")
-    if engine is None:
-        engine = VLLMEngine(
-            cfg.model,
-            max_model_len=cfg.max_prompt_len + cfg.max_response_len,
-            seed=cfg.seed + rank,
-            tensor_parallel=cfg.tensor_parallel,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            kv_cache_gb=cfg.kv_cache_gb,
-            enforce_eager=cfg.enforce_eager or None,
-            max_images=cfg.max_images or max_images_of(train + val),
-            min_pixels=cfg.min_pixels,
-            max_pixels=cfg.max_pixels,
-            load_format="dummy",  # the sync below (or before the first validation) fills it
-        )
+    engine = engine or engine_for(cfg, train + val, rank)
     if engine.image_size is not None:  # the trainer tokenizes images exactly as the engine does
         processor.image_processor.size = dict(engine.image_size)
-    t = Trainer(cfg, model, ref_model, optimizer, scheduler, engine, processor, device, train, val,
-                skipped)  # fmt: skip
+    parts = (model, ref_model, optimizer, scheduler, engine, processor, device, train, val)
+    t = Trainer(cfg, *parts, skipped_rows=skipped)
     if sft:
         t.engine.sleep()  # the cold start samples only to validate: the engine sleeps till then
     else:
         sync_engine(t)  # a new, reused or resumed engine must serve these weights
-    log0(f"[{cfg.stage}] {len(train)} examples ({skipped} rows skipped), steps {start}.."
-         f"{total_steps}, {world} ranks, {device}")  # fmt: skip
+    log0(
+        f"[{cfg.stage}] {len(train)} examples ({skipped} rows skipped), steps {start}.."
+        f"{total_steps}, {world} ranks, {device}"
+    )
     return t, start, total_steps
-
-
-def check_config(cfg: Config, world: int) -> None:
-    """Refuse, before anything is loaded, settings that cannot run."""
-    if cfg.stage not in ("sft", "1", "2"):
-        raise ValueError(f"--stage must be sft, 1 or 2; got {cfg.stage!r}")
-    if cfg.tensor_parallel != 1:
-        raise ValueError(
-            "--tensor_parallel must be 1: each rank samples its own prompts with its own engine "
-            "(vLLM's external launcher would need the same prompts and seed on every rank of a "
-            "tensor-parallel group). Qwen3-VL-8B fits one 80 GB GPU with TP 1."
-        )
-    if cfg.stage == "sft":
-        if cfg.sft_batch % world:
-            raise ValueError(f"--sft_batch {cfg.sft_batch} must divide by the {world} ranks")
-        return
-    if cfg.prompts_per_step % cfg.mini_batch_prompts or cfg.mini_batch_prompts % world:
-        raise ValueError(
-            f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of "
-            f"--mini_batch_prompts {cfg.mini_batch_prompts}, itself a multiple of the {world} ranks"
-        )
-    if cfg.kl_tokens not in ("o1", "response"):
-        raise ValueError(f"--kl_tokens must be o1 or response; got {cfg.kl_tokens!r}")
-
-
-def fit_lengths(cfg: Config, limit: int) -> Config:
-    """`max_prompt_len + max_response_len` cut to the model's context `limit` (the demo's tiny
-    model holds 4096 tokens, the paper's settings need 8192), with one line saying so."""
-    if cfg.max_prompt_len + cfg.max_response_len <= limit:
-        return cfg
-    prompt = min(cfg.max_prompt_len, limit // 2)
-    fitted = cfg.replace(max_prompt_len=prompt, max_response_len=limit - prompt)
-    log0(f"[{cfg.stage}] max_prompt_len + max_response_len = {cfg.max_prompt_len} + "
-         f"{cfg.max_response_len} > {limit}, what {cfg.model} holds: using {fitted.max_prompt_len} + "
-         f"{fitted.max_response_len}")  # fmt: skip
-    return fitted
 
 
 def make_optimizer(model, cfg: Config, total_steps: int):
@@ -763,167 +691,7 @@ def make_optimizer(model, cfg: Config, total_steps: int):
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return 1.0
 
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"--lr_schedule must be constant or cosine; got {cfg.lr_schedule!r}")
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-# =============================================================================================
-# Data
-# =============================================================================================
-
-
-def load_split(
-    spec: str, cfg: Config, processor, *, seed: int, sft: bool = False
-) -> tuple[list[dict], int]:
-    """Examples of `spec` ("synthetic:N" for the demo's dot counting, else a path for data.py)
-    and how many rows were skipped: bad rows (data.py reports each), prompts over
-    `max_prompt_len` tokens (images counted), SFT rows without a response."""
-    suffix = OCTOPUS_SUFFIX if cfg.prompt_suffix == "octopus" else BASELINE_SUFFIX
-    skipped = 0
-    if spec.startswith("synthetic:"):
-        examples = synthetic_task(int(spec.split(":")[1]), seed=seed, suffix=suffix)
-        if sft:
-            rng = random.Random(seed)
-            for e in examples:
-                e["response"] = synthetic_coldstart(e, rng)
-    else:
-        examples, report = load_examples(spec, suffix=suffix, min_pixels=cfg.min_pixels,
-                                         max_pixels=cfg.max_pixels)  # fmt: skip
-        skipped += len(report.skipped)
-        if report.skipped:
-            log0(f"[data] {spec}: {report.summary()}")
-    if sft:
-        missing = [e["id"] for e in examples if not e.get("response")]
-        if missing:
-            log0(f"[data] {spec}: {len(missing)} rows without a 'response' skipped "
-                 f"(e.g. {missing[:3]})")  # fmt: skip
-        examples = [e for e in examples if e.get("response")]
-        skipped += len(missing)
-    long = [e["id"] for e in examples if prompt_length(processor, e) > cfg.max_prompt_len]
-    if long:  # the released code filters these at load too; they would not fit the engine
-        log0(f"[data] {spec}: {len(long)} prompts over --max_prompt_len {cfg.max_prompt_len} "
-             f"tokens skipped (e.g. {long[:3]})")  # fmt: skip
-        long_ids = set(long)
-        examples = [e for e in examples if e["id"] not in long_ids]
-        skipped += len(long)
-    return examples, skipped
-
-
-def share_of_step(examples: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
-    """This rank's examples of global step `step` (each rank a contiguous slice)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    per_rank = per_step // world
-    idx = prompts_of_step(len(examples), step, per_step, seed)[
-        rank * per_rank : (rank + 1) * per_rank
-    ]
-    return [examples[i] for i in idx]
-
-
-def prompts_of_step(n_examples: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Example indices of global step `step`: epochs are seeded permutations read in order, so
-    a resumed run continues exactly where it stopped and never repeats a prompt of an epoch."""
-    out, pos, end = [], step * per_step, (step + 1) * per_step
-    while pos < end:  # a step may run over the end of an epoch into the next
-        epoch, k = divmod(pos, n_examples)
-        take = min(end - pos, n_examples - k)
-        out += epoch_order(n_examples, seed, epoch)[k : k + take]
-        pos += take
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(n_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """The order of epoch `epoch`: one seeded permutation, drawn once and kept (a step reads
-    512 of ViRL-39K's 38,870; drawing it per prompt took seconds per step)."""
-    perm = list(range(n_examples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(perm)
-    return tuple(perm)
-
-
-def step_examples(t: Trainer, step: int, per_step: int) -> tuple[list[dict], list[str]]:
-    """This rank's examples of `step` with their images decoded, and one line per example left
-    out because an image did not decode (logged; the step goes on with the rest). A rank needs
-    one prompt per mini-batch to stay in step with the others' collectives: with fewer it stops
-    the launch (torchrun ends every rank) naming the images."""
-    examples, bad = decode_examples(share_of_step(t.train, step, per_step, t.cfg.seed))
-    report_bad(f"[{t.cfg.stage}] step {step + 1}", bad)
-    need = 1 if t.cfg.stage == "sft" else max(t.cfg.prompts_per_step // t.cfg.mini_batch_prompts, 1)
-    if len(examples) < need:
-        raise SystemExit(f"[data] rank {dist.get_rank()} step {step + 1}: {len(examples)} of "
-                         f"{len(examples) + len(bad)} prompts have images that decode, {need} "
-                         f"needed: {bad[:3]}")  # fmt: skip
-    return examples, bad
-
-
-def report_bad(where: str, bad: list[str]) -> None:
-    """One line per rank naming the examples left out for an image that did not decode."""
-    if bad:
-        print(f"{where} rank {dist.get_rank()}: {len(bad)} prompts left out, an image does "
-              f"not decode: {'; '.join(bad[:3])}", file=sys.stderr, flush=True)  # fmt: skip
-
-
-# =============================================================================================
-# Command line
-# =============================================================================================
-
-
-def parse_args(argv: list[str]) -> tuple[str, dict, dict]:
-    """`--preset NAME` then any `--field value` of Config. Returns the preset name, the
-    overrides and the command-only flags (`export_only`, `dry_run`)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--preset", default="octopus-8b", choices=sorted([*PRESETS, *SEQUENCES]),
-                        help="a named run (Tables 2-3, the demo; octopus-8b: cold start, Stage I, "
-                        "Stage II in one launch); the flags below override it")  # fmt: skip
-    parser.add_argument("--export_only", action="store_true",
-                        help="export the newest checkpoint of --out_dir to HF format and stop")  # fmt: skip
-    parser.add_argument("--dry_run", action="store_true",
-                        help="print the resolved config of every stage and stop")  # fmt: skip
-    for f in dataclasses.fields(Config):
-        kind, help_text = type(f.default), f.metadata.get("help", "")
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_boolean, default=None, metavar="{true,false}",
-                                help=help_text)  # fmt: skip
-        elif kind is tuple:
-            parser.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=help_text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
-    args = vars(parser.parse_args(argv))
-    name = args.pop("preset")
-    flags = {"export_only": args.pop("export_only"), "dry_run": args.pop("dry_run")}
-    overrides = {
-        k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if v is not None
-    }
-    return name, overrides, flags
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def stage_configs(name: str, overrides: dict) -> list[Config]:
-    """The Config of each stage a launch runs: one for a preset, several for a sequence (each in
-    `out_dir/stage-<stage>`; the model of a later stage is filled in when the earlier ends)."""
-    if name not in SEQUENCES:
-        return [preset(name, **overrides)]
-    stages = [preset(p, **overrides) for p in SEQUENCES[name]]
-    root = stages[0].out_dir
-    stages = [c.replace(out_dir=os.path.join(root, f"stage-{c.stage}")) for c in stages]
-    # each later stage starts from the export of the one before (run_sequence passes it on)
-    return stages[:1] + [
-        c.replace(model=os.path.join(prev.out_dir, "export"))
-        for prev, c in zip(stages, stages[1:], strict=False)
-    ]
 
 
 def run_sequence(stages: list[Config]) -> VLLMEngine:
@@ -940,8 +708,8 @@ def run_sequence(stages: list[Config]) -> VLLMEngine:
         dist.barrier()
     for cfg in stages:
         model, engine = run_stage(cfg.replace(model=model), engine)
-    log0(f"[done] metrics in {os.path.dirname(stages[-1].out_dir)}/stage-*/metrics.jsonl, "
-         f"final model in {model}")  # fmt: skip
+    root = os.path.dirname(stages[-1].out_dir)
+    log0(f"[done] metrics in {root}/stage-*/metrics.jsonl, final model in {model}")
     return engine
 
 
@@ -959,66 +727,15 @@ def export_only(cfg: Config) -> None:
     export_hf(model, AutoProcessor.from_pretrained(cfg.model), os.path.join(cfg.out_dir, "export"))
 
 
-def _wandb(cfg: Config):
-    import wandb
-
-    wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg),
-               name=os.path.basename(cfg.out_dir))  # fmt: skip
-    return wandb
-
-
-def missing_data(stages: list[Config]) -> list[str]:
-    """`--flag path` for each data path the stages read that does not exist (the cold start reads
-    sft_data, RL stages train_data; val_data when set and --val_every is not 0); "synthetic:N"
-    needs no file."""
-    missing = []
-    for cfg in stages:
-        needed = ["sft_data" if cfg.stage == "sft" else "train_data"]
-        for flag in needed + (["val_data"] if cfg.val_data and cfg.val_every else []):
-            path = getattr(cfg, flag)
-            if path.startswith("synthetic:") or (path and os.path.exists(path)):
-                continue
-            entry = f"--{flag} {path}" if path else f"--{flag} (empty)"
-            if entry not in missing:
-                missing.append(entry)
-    order = ("--sft_data", "--train_data", "--val_data")
-    return sorted(missing, key=lambda e: order.index(e.split()[0]))
-
-
-def missing_data_message(missing: list[str]) -> str:
-    return (
-        f'[data] not found: {", ".join(missing)}. The README section "Getting the data" has '
-        "the commands that fetch ViRL-39K, Geometry3K and LLaVA-CoT and build the cold-start "
-        "chats into these paths; or point the flags elsewhere."
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
-    name, overrides, flags = parse_args(sys.argv[1:] if argv is None else argv)
-    stages = stage_configs(name, overrides)
-    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank runs this
-    missing = missing_data(stages)
-    if flags["dry_run"]:
-        for cfg in stages:
-            check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-            if rank0:
-                print(json.dumps(dataclasses.asdict(cfg)))
-        if missing and rank0:
-            print(missing_data_message(missing), file=sys.stderr)
+    launch = plan_launch(sys.argv[1:] if argv is None else argv, __doc__)
+    if launch is None:  # --dry_run
         return
-    engine = None
-    if flags["export_only"]:
+    stages, export = launch
+    if export:
         export_only(stages[-1])
-    else:
-        if missing:  # before any model loads: one message, no traceback
-            if rank0:
-                print(missing_data_message(missing), file=sys.stderr, flush=True)
-            # exit status 1 alone; under torchrun 0, since a failed child makes the launcher
-            # print its own traceback (ChildFailedError) under the message and bury it
-            sys.exit(0 if "TORCHELASTIC_RUN_ID" in os.environ else 1)
-        engine = run_sequence(stages)
-    if engine is not None:
-        engine.close()  # last: under torchrun its teardown takes the default process group along
+    else:  # the engine closes last: under torchrun its teardown takes the process group along
+        run_sequence(stages).close()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -9,7 +9,7 @@ The parquet has the columns of the ViRL-39K parquet mirror (Kun-Xiang/ViRL39K, d
 with an `<image>` tag, `id` int64; 38,870 rows, 2.9 GB): one distinct 640x480 JPEG of ~93 KiB
 per row and a `\\boxed{}` answer. Each (size, mode) is measured in a fresh process: the peak
 resident memory that loading adds (VmHWM after, reset just before, minus VmRSS before) and the
-wall-clock time of `train.load_split` (rows read, images' headers read, prompt lengths counted
+wall-clock time of `data.load_split` (rows read, images' headers read, prompt lengths counted
 with the tiny model's processor), per row. Per-row figures come from the difference between the
 two sizes, so fixed costs (imports, the processor) cancel.
 
@@ -88,7 +88,6 @@ def measure(path: str, mode: str, tiny: str) -> dict:
     from transformers import AutoProcessor
 
     import data
-    import train
     from octopus import preset
 
     processor = AutoProcessor.from_pretrained(tiny)
@@ -99,7 +98,7 @@ def measure(path: str, mode: str, tiny: str) -> dict:
     if mode == "datasets":
         examples = _via_datasets(path, processor, cfg)
     else:
-        examples, _ = train.load_split(path, cfg, processor, seed=0)
+        examples, _ = data.load_split(path, cfg, processor, seed=0)
         if mode == "decoded":
             examples, _ = data.decode_examples(examples)
     seconds = time.perf_counter() - start

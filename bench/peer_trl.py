@@ -96,9 +96,9 @@ def run_ours(model: str, steps: int, out_dir: str) -> dict:
     tokens: list[int] = []
     step_metrics = train.step_metrics
 
-    def keep_tokens(t, groups, stats, clock):
+    def keep_tokens(t, groups, stats, clock, **kw):
         tokens.append(sum(len(it.ids) for g in groups for it in g.items))
-        return step_metrics(t, groups, stats, clock)
+        return step_metrics(t, groups, stats, clock, **kw)
 
     train.step_metrics = keep_tokens
     rows = []
@@ -196,7 +196,9 @@ def make_trl(model: str, steps: int, out_dir: str):
     from trl import GRPOConfig, GRPOTrainer
     from trl.data_utils import prepare_multimodal_messages
 
+    import data
     import train
+    from packing import encode_prompt
     from reward import score_batch
     from rollout import FORBIDDEN_TOKENS, narrow_image_size
 
@@ -207,9 +209,9 @@ def make_trl(model: str, steps: int, out_dir: str):
     processor = AutoProcessor.from_pretrained(model)
     processor.image_processor.size = dict(image_size)
     tok = processor.tokenizer
-    examples, _ = train.load_split(cfg.train_data, cfg, processor, seed=cfg.seed)
+    examples, _ = data.load_split(cfg.train_data, cfg, processor, seed=cfg.seed)
     order = [i for s in range(steps)
-             for i in train.prompts_of_step(len(examples), s, PROMPTS, cfg.seed)]  # fmt: skip
+             for i in data.prompts_of_step(len(examples), s, PROMPTS, cfg.seed)]  # fmt: skip
     rows = []
     for i in order:  # the chat of data.synthetic_task: one image, then the question
         content = examples[i]["messages"][0]["content"]
@@ -245,7 +247,7 @@ def make_trl(model: str, steps: int, out_dir: str):
 
     # the prompt TRL trains on must be the one ours trains on
     first = trainer.train_dataset[0]
-    ours_ids = train.encode_prompt(
+    ours_ids = encode_prompt(
         processor, train.render_prompt(processor, examples[order[0]]["messages"])
     )
     chat = prepare_multimodal_messages(first["prompt"], images=[first["image"]])

@@ -31,6 +31,7 @@ import packing  # noqa: E402
 import train  # noqa: E402
 from data import synthetic_task  # noqa: E402
 from octopus import preset  # noqa: E402
+from packing import encode_prompt  # noqa: E402
 from rollout import render_prompt  # noqa: E402
 
 SHAPES = {
@@ -77,7 +78,7 @@ def groups_for(processor, shape: dict, seed: int = 0) -> list[train.Group]:
             )
             + text["text"]
         )
-        prompt = train.encode_prompt(processor, render_prompt(processor, e["messages"]))
+        prompt = encode_prompt(processor, render_prompt(processor, e["messages"]))
         items = []
         for _ in range(shape["per_group"]):
             n = rng.randint(*shape["response"])
@@ -157,7 +158,7 @@ def main() -> None:
                 ("after 2 (prompt once per group)", True, original),
             ):
                 t.cfg = cfg.replace(shared_prompt=shared)
-                train.response_logprobs = logprob_fn  # what forward_chunks calls
+                train.response_logprobs = logprob_fn  # what forward_micro_batches calls
                 timed_update(t, groups)  # warm-up
                 dt = statistics.median(timed_update(t, groups) for _ in range(args.reps))
                 base = base or dt

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-import train
-from data import dots_image
+from data import dots_image, prompts_of_step
 from octopus import preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +38,7 @@ def test_eight_ranks_run_stage_1_then_stage_2_from_its_export(tiny_path, tmp_pat
     # in some step an image prompt and a text-only prompt sit on different ranks (rows are
     # loaded in file order: the first 8 have images), so the vision tower must run in step
     seed = preset("demo-1").seed
-    order = [train.prompts_of_step(len(rows), s, 8, seed) for s in range(2)]
+    order = [prompts_of_step(len(rows), s, 8, seed) for s in range(2)]
     assert all(len({i < 8 for i in o}) == 2 for o in order)
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, VLLM_ENABLE_V1_MULTIPROCESSING="0")

@@ -9,7 +9,7 @@ import packing
 from augment import Sample, loss_masks
 from data import synthetic_task
 from loss import policy_loss, policy_loss_with_kl
-from packing import chunk_groups, pack, response_logprobs
+from packing import pack, response_logprobs, segment_groups
 from rollout import render_prompt
 
 TOL = 1e-5
@@ -189,10 +189,10 @@ def test_dropping_the_prompt_gradient_is_caught(model, processor):
 
 def test_chunk_groups_splits_over_budget_and_never_drops():
     # group 0: prompt 10 + responses 5, 5, 30; group 1: prompt 50 + one response of 80 (> budget)
-    chunks = chunk_groups([10, 50], [[5, 5, 30], [80]], budget=40)
+    chunks = segment_groups([10, 50], [[5, 5, 30], [80]], budget=40)
     assert chunks == [(0, [0, 1]), (0, [2]), (1, [0])]
-    assert chunk_groups([10], [[5, 5]], budget=40, shared=False) == [(0, [0]), (0, [1])]
-    assert chunk_groups([10], [[5, 5, 30]], budget=1000) == [(0, [0, 1, 2])]
+    assert segment_groups([10], [[5, 5]], budget=40, shared=False) == [(0, [0]), (0, [1])]
+    assert segment_groups([10], [[5, 5, 30]], budget=1000) == [(0, [0, 1, 2])]
 
 
 def test_pack_layout_positions_and_predictors(processor, model):

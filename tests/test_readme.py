@@ -144,10 +144,11 @@ def test_cpu_commands_run(command, tiny_path, tmp_path, monkeypatch, capsys):
         nproc = [w.split("=")[1] for w in launcher if w.startswith("--nproc_per_node=")]
         monkeypatch.setenv("WORLD_SIZE", nproc[0] if nproc else "1")
         import train
+        from octopus import parse_args, stage_configs
 
         train.main([*args, "--dry_run"])  # nothing loads, nothing runs
-        name, overrides, _ = train.parse_args(args)
-        stages = train.stage_configs(name, overrides)
+        name, overrides, _ = parse_args(args)
+        stages = stage_configs(name, overrides)
         assert len(capsys.readouterr().out.splitlines()) == len(stages)
         return
     args = [tiny_path if DEMO_EXPORT.match(a) else a for a in args]

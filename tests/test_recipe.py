@@ -12,8 +12,8 @@ import sys
 import pytest
 
 import train
-from data import dots_image
-from octopus import SEQUENCES, preset
+from data import dots_image, epoch_order, load_split, prompts_of_step
+from octopus import SEQUENCES, parse_args, preset, stage_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,16 +35,16 @@ def test_one_permutation_per_epoch_gives_the_same_order(n, per_step):
     exact: a step's prompts depend on the step number only)."""
     for seed in (0, 3):
         for step in range(9):
-            assert train.prompts_of_step(n, step, per_step, seed) == _old_prompts_of_step(
+            assert prompts_of_step(n, step, per_step, seed) == _old_prompts_of_step(
                 n, step, per_step, seed
             )
 
 
 def test_epoch_order_is_drawn_once():
-    train.epoch_order.cache_clear()
+    epoch_order.cache_clear()
     for step in range(40):
-        train.prompts_of_step(1000, step, 50, 0)  # 2 epochs
-    info = train.epoch_order.cache_info()
+        prompts_of_step(1000, step, 50, 0)  # 2 epochs
+    info = epoch_order.cache_info()
     assert info.misses == 2 and info.hits == 38
 
 
@@ -63,9 +63,9 @@ def test_mini_batches_keep_every_group_and_none_is_empty(groups, minis, sizes):
 
 
 def test_the_bare_command_is_the_recipe():
-    name, overrides, flags = train.parse_args([])
+    name, overrides, flags = parse_args([])
     assert name == "octopus-8b" and overrides == {} and not any(flags.values())
-    stages = train.stage_configs(name, {})
+    stages = stage_configs(name, {})
     assert [c.stage for c in stages] == ["sft", "1", "2"]
     assert [c.out_dir for c in stages] == [f"runs/octopus-8b/stage-{s}" for s in ("sft", "1", "2")]
     # each stage from the previous export; Stage I's reference is the cold-start model
@@ -171,6 +171,6 @@ def test_no_image_bytes_are_decoded_at_load(tmp_path, processor):
     rows = [{"id": "a", "question": "<image>q", "answer": "1", "image": "a.jpg"}]
     (tmp_path / "d.jsonl").write_text(json.dumps(rows[0]))
     cfg = preset("octopus-8b-stage1")
-    examples, skipped = train.load_split(str(tmp_path / "d.jsonl"), cfg, processor, seed=0)
+    examples, skipped = load_split(str(tmp_path / "d.jsonl"), cfg, processor, seed=0)
     image = examples[0]["messages"][0]["content"][0]["image"]
     assert skipped == 0 and type(image).__name__ == "EncodedImage" and image.size == (640, 480)

@@ -13,8 +13,8 @@ import torch
 
 import fsdp
 import train
-from data import dots_image
-from octopus import SC, preset
+from data import dots_image, prompts_of_step
+from octopus import SC, check_config, parse_args, preset, stage_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,7 +154,7 @@ def test_each_stage_learns_and_bad_rows_are_counted(stages, tiny_path):
     assert "too-long" in log and "--max_prompt_len 300" in log
     # some mini-batch put an image prompt on one rank and a text prompt on the other
     cfg = preset("demo-2", prompts_per_step=4, mini_batch_prompts=2)
-    order = [train.prompts_of_step(8, s, 4, cfg.seed) for s in range(3)]
+    order = [prompts_of_step(8, s, 4, cfg.seed) for s in range(3)]
     has_image = [[i < 4 for i in o] for o in order]  # rows 0-3 have images (load order)
     assert any(h[k] != h[k + 1] for h in has_image for k in (0, 2))
     # the cold start keeps the engine asleep through its updates (it wakes only to validate)
@@ -263,20 +263,20 @@ def test_export_only_writes_the_newest_checkpoint(resumed, tiny_path):
 
 def test_prompts_of_step_never_repeat_within_an_epoch_and_resume_exactly():
     n, per = 10, 3
-    seen = [i for step in range(3) for i in train.prompts_of_step(n, step, per, seed=1)]
+    seen = [i for step in range(3) for i in prompts_of_step(n, step, per, seed=1)]
     assert len(set(seen)) == len(seen) == 9  # 3 steps of one epoch: no prompt twice
-    epoch = [i for pos in range(n) for i in [train.prompts_of_step(n, 0, n, seed=1)[pos]]]
+    epoch = [i for pos in range(n) for i in [prompts_of_step(n, 0, n, seed=1)[pos]]]
     assert sorted(epoch) == list(range(n))
-    assert train.prompts_of_step(n, 2, per, seed=1) == train.prompts_of_step(n, 2, per, seed=1)
+    assert prompts_of_step(n, 2, per, seed=1) == prompts_of_step(n, 2, per, seed=1)
 
 
 def test_pack_by_tokens():
     lengths = [5, 100, 7, 60, 61, 3]
-    batches = fsdp.pack_by_tokens(lengths, 128)
+    batches = fsdp.first_fit(lengths, 128)
     assert sorted(i for b in batches for i in b) == list(range(6))
     for b in batches:
         assert len(b) == 1 or sum(lengths[i] for i in b) <= 128
-    assert fsdp.pack_by_tokens([500], 128) == [[0]]  # too long: alone, not dropped
+    assert fsdp.first_fit([500], 128) == [[0]]  # too long: alone, not dropped
     assert len(batches) == 2  # 236 tokens in 2 micro-batches of at most 128
 
 
@@ -311,11 +311,11 @@ def test_setup_distributed_builds_a_device_aware_group_on_gpus(monkeypatch):
 
 
 def test_check_config_refuses_what_cannot_run():
-    train.check_config(preset("octopus-8b-stage1"), 8)
+    check_config(preset("octopus-8b-stage1"), 8)
     with pytest.raises(ValueError, match="tensor_parallel must be 1"):
-        train.check_config(preset("octopus-8b-stage1", tensor_parallel=2), 8)
+        check_config(preset("octopus-8b-stage1", tensor_parallel=2), 8)
     with pytest.raises(ValueError, match="multiple of"):
-        train.check_config(preset("octopus-8b-stage1", mini_batch_prompts=100), 8)
+        check_config(preset("octopus-8b-stage1", mini_batch_prompts=100), 8)
 
 
 def test_every_flag_has_help_and_one_spelling():
@@ -324,11 +324,11 @@ def test_every_flag_has_help_and_one_spelling():
     from octopus import Config
 
     assert all(f.metadata.get("help") for f in dataclasses.fields(Config))
-    name, overrides, flags = train.parse_args(
+    name, overrides, flags = parse_args(
         ["--preset", "gspo-n16", "--lr", "2e-6", "--shared_prompt", "false"]
     )
     assert name == "gspo-n16" and overrides == {"lr": 2e-6, "shared_prompt": False}
-    cfgs = train.stage_configs("demo", {"lr": 0.5})
+    cfgs = stage_configs("demo", {"lr": 0.5})
     assert [c.stage for c in cfgs] == ["sft", "1", "2"] and all(c.lr == 0.5 for c in cfgs)
     assert cfgs[1].out_dir == os.path.join("runs/demo", "stage-1")
 
@@ -433,7 +433,7 @@ def test_step_metrics_of_the_worked_example(processor, one_rank):
     group = train.make_group(t, example, prompt, generations, scores, random.Random(0))
     for item, gen in zip(group.items, group.generations, strict=False):
         item.old_logp = torch.tensor(gen.logprobs) + 0.25  # the trainer 0.25 above the engine
-    clock = train.Clock()
+    clock = fsdp.Clock()
     clock.seconds = {"generate": 2.0, "update": 1.0}
     stats = [
         {"grad_norm": 2.0, "loss": 0.5, "skipped_steps": 0.0},

@@ -19,6 +19,8 @@ from transformers import AutoProcessor
 
 import fsdp
 import train
+from data import load_split
+from fsdp import Clock
 from octopus import preset
 
 out_dir, tiny = sys.argv[1], sys.argv[2]
@@ -81,7 +83,7 @@ for kind in ("clean", "poisoned", "clean"):
     stats = train.update(t, groups)
     after = snapshot(t)
     grads_freed = all(p.grad is None for p in t.model.parameters())
-    row = train.step_metrics(t, [], [stats], train.Clock())
+    row = train.step_metrics(t, [], [stats], Clock())
     steps.append({"kind": kind, "skipped": stats["skipped_steps"],
                   "grad_norm_finite": math.isfinite(stats["grad_norm"]),
                   "weights_unchanged": same(before["weights"], after["weights"]),
@@ -106,7 +108,7 @@ train.accumulate_gradients = accumulate
 sft_cfg = preset("demo-sft", model=tiny, lr=1e-3, warmup_steps=2, sft_batch=2 * world,
                  out_dir=out_dir)  # fmt: skip
 s = trainer(sft_cfg)
-s.train = train.load_split("synthetic:8", sft_cfg, processor, seed=0, sft=True)[0]
+s.train = load_split("synthetic:8", sft_cfg, processor, seed=0, sft=True)[0]
 s.engine = type("Asleep", (), {"asleep": True})()
 sft_loss = train.sft_loss
 

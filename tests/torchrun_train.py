@@ -23,6 +23,7 @@ import torch.distributed as dist
 from train_items import fixed_groups
 
 import fsdp
+import octopus
 import train
 from octopus import preset
 
@@ -109,14 +110,15 @@ def stage1_normalizers(processor, device) -> dict:
         kl_count = sum(
             float(it.kl_mask.sum() > 0) if agg == "seq" else float(it.kl_mask.sum()) for it in items
         )
-        for chunk, logps, weight in train.forward_chunks(t, t.model, groups, 300):
+        pairs = [(g.prompt, [it.ids for it in g.items]) for g in groups]
+        for segments, logps, loss_scale in train.forward_micro_batches(t, t.model, pairs, 300):
             total = 0.0
-            for (g, k), lp in zip([(g, k) for g, ks in chunk for k in ks], logps, strict=True):
+            for (g, k), lp in zip([(g, k) for g, ks in segments for k in ks], logps, strict=True):
                 it = groups[g].items[k]
                 d = it.ref_logp - lp
                 k3 = ((torch.exp(d) - d - 1.0).clamp(-10.0, 10.0) * it.kl_mask).sum()
                 total = total + (k3 / it.kl_mask.sum().clamp(min=1) if agg == "seq" else k3)
-            (cfg.kl_coef * total / kl_count * weight).backward()
+            (cfg.kl_coef * total / kl_count * loss_scale).backward()
         kl = gradients(t.model)
         worst = max((full[k] - policy[k] - kl[k]).abs().max().item() for k in full)
         report[agg] = {
@@ -248,11 +250,11 @@ elif mode == "run":  # one Stage II run, a checkpoint after every step
 elif mode == "resume":  # the newest checkpoint of OUT to step 3; then --export_only of another
     cfg = small("demo-2", max_steps=3, resume=True, **SCHEDULE)
     _, engine = train.run_stage(cfg)
-    name, overrides, flags = train.parse_args(
+    name, overrides, flags = octopus.parse_args(
         ["--preset", "demo-2", "--model", tiny, "--out_dir", sys.argv[4], "--export_only"]
     )
     assert flags["export_only"]
-    train.export_only(train.stage_configs(name, overrides)[-1])
+    train.export_only(octopus.stage_configs(name, overrides)[-1])
     engine.close()
 elif mode == "checks":
     from transformers import AutoProcessor

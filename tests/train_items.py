@@ -4,6 +4,7 @@ import torch
 
 import train
 from data import synthetic_task
+from packing import encode_prompt
 from rollout import render_prompt
 
 
@@ -13,7 +14,7 @@ def fixed_groups(processor, n_groups=6, seed=5):
     plain = min(processor.tokenizer.all_special_ids)
     groups = []
     for k, ex in enumerate(synthetic_task(n_groups, seed=seed)):
-        prompt = train.encode_prompt(processor, render_prompt(processor, ex["messages"]))
+        prompt = encode_prompt(processor, render_prompt(processor, ex["messages"]))
         items = []
         for j in range(1 + k % 3):
             n = 5 + 3 * k + j
