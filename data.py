@@ -544,6 +544,27 @@ def synthetic_coldstart(
 # =============================================================================================
 
 
+def images_per_prompt(stages: list[Config]) -> int:
+    """The most images one prompt holds across the data every stage of a launch reads (at least
+    1). The stages of a sequence share one engine, whose per-prompt image limit vLLM fixes when
+    it starts: sized for the first stage alone (the cold start's chats), a later stage's
+    multi-image ViRL-39K prompt would be refused mid-run. Reads each file once more (~3 ms a row)."""
+    specs = []
+    for cfg in stages:
+        specs.append(cfg.sft_data if cfg.stage == "sft" else cfg.train_data)
+        if cfg.val_data and cfg.val_every:
+            specs.append(cfg.val_data)
+    most = 1
+    for spec in dict.fromkeys(specs):  # each path once, in order
+        if spec and not spec.startswith("synthetic:"):  # the dot task: one image a prompt
+            for e in load_examples(spec)[0]:
+                parts = [
+                    c for m in e["messages"] if isinstance(m["content"], list) for c in m["content"]
+                ]
+                most = max(most, sum(c.get("type") == "image" for c in parts))
+    return most
+
+
 def load_split(
     spec: str, cfg: Config, processor, *, seed: int, sft: bool = False, log: Callable = print
 ) -> tuple[list[dict], int]:

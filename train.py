@@ -5,12 +5,9 @@
     # one 8-GPU node: Octopus-8B, the cold start, Stage I and Stage II in one launch, from the
     # data README "Getting the data" fetches (== --preset octopus-8b; --dry_run prints them)
     .venv/bin/torchrun --nproc_per_node=8 train.py
-    # one stage of the paper's runs (arXiv 2602.08503); every Config field is a flag (--help)
-    .venv/bin/torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage1 \\
-        --model runs/octopus-sft/export --train_data data/ViRL39K --val_data data/geometry3k \\
-        --out_dir runs/octopus-stage1
+    # one stage (arXiv 2602.08503's runs are presets; every Config field is a flag: --help)
     .venv/bin/torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage2 \\
-        --model runs/octopus-stage1/export ... --out_dir runs/octopus-stage2
+        --model runs/octopus-8b/stage-1/export --out_dir runs/octopus-8b/stage-2
     # 1 GPU: --nproc_per_node=1 and a smaller --prompts_per_step; several nodes:
     .venv/bin/torchrun --nnodes=N --node_rank=i --master_addr=HOST --nproc_per_node=8 train.py ...
 
@@ -57,7 +54,13 @@ from augment import (  # noqa: E402
     splice_group,
     transition_counts,
 )
-from data import decode_examples, examples_of_step, load_stage_data, report_bad  # noqa: E402
+from data import (  # noqa: E402
+    decode_examples,
+    examples_of_step,
+    images_per_prompt,
+    load_stage_data,
+    report_bad,
+)
 from fsdp import (  # noqa: E402
     Clock,
     Metrics,
@@ -706,6 +709,9 @@ def run_sequence(stages: list[Config]) -> VLLMEngine:
             build_tiny(model)
         setup_distributed()
         dist.barrier()
+    if len(stages) > 1 and not stages[0].max_images:  # one engine for all: every stage's images
+        limit = images_per_prompt(stages)
+        stages = [c.replace(max_images=limit) for c in stages]
     for cfg in stages:
         model, engine = run_stage(cfg.replace(model=model), engine)
     root = os.path.dirname(stages[-1].out_dir)

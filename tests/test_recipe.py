@@ -174,3 +174,31 @@ def test_no_image_bytes_are_decoded_at_load(tmp_path, processor):
     examples, skipped = load_split(str(tmp_path / "d.jsonl"), cfg, processor, seed=0)
     image = examples[0]["messages"][0]["content"][0]["image"]
     assert skipped == 0 and type(image).__name__ == "EncodedImage" and image.size == (640, 480)
+
+
+def test_the_shared_engine_takes_the_most_images_of_any_stage(tmp_path):
+    """The cold start's chats hold one image, an RL row two: the sequence's one engine must take
+    two, or Stage I's first two-image prompt is refused mid-run."""
+    from data import images_per_prompt
+
+    rng = random.Random(0)
+    for i in range(3):
+        dots_image(i + 1, rng).save(tmp_path / f"{i}.png")
+    sft_row = {"question": "<image>How many?", "answer": "1", "images": ["0.png"], "response": "x"}
+    rl_rows = [
+        {"question": "<image>How many?", "answer": "2", "images": ["1.png"]},
+        {"question": "<image><image>How many?", "answer": "3", "images": ["1.png", "2.png"]},
+    ]
+    (tmp_path / "sft.jsonl").write_text(json.dumps(sft_row) + "\n")
+    (tmp_path / "rl.jsonl").write_text("\n".join(json.dumps(r) for r in rl_rows) + "\n")
+    stages = stage_configs(
+        "octopus-8b",
+        {
+            "sft_data": str(tmp_path / "sft.jsonl"),
+            "train_data": str(tmp_path / "rl.jsonl"),
+            "val_data": "",
+        },
+    )
+    assert images_per_prompt(stages[:1]) == 1  # the cold start alone
+    assert images_per_prompt(stages) == 2  # with Stage I and II's data
+    assert images_per_prompt([preset("demo-1")]) == 1  # synthetic: one image a prompt

@@ -233,8 +233,9 @@ if mode in ("stages", "run", "resume"):
     train.score_batch = varying_reward(train.score_batch)
 if mode == "stages":  # every stage runs a few steps, Stage II on a file with bad rows
     stages = [
-        # the engine is built here and reused by the later stages: room for Stage II's 2 images
-        small("demo-sft", max_steps=3, save_every=1, keep_checkpoints=2, max_images=2),
+        # the engine is built here and reused by the later stages: run_sequence sizes it for
+        # Stage II's two-image rows (a cold start's one-image limit would refuse them)
+        small("demo-sft", max_steps=3, save_every=1, keep_checkpoints=2),
         small("demo-1", max_steps=2),
         # the grpo-n16-released way of KL: on every response token, in Stage II
         small("demo-2", max_steps=3, train_data=sys.argv[4], val_data="", max_prompt_len=300,
