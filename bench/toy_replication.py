@@ -1,17 +1,32 @@
 """Toy-scale replication of the paper's claims (arXiv 2602.08503, Tables 2-3): every arm trained
 for real on the tiny Qwen3-VL, on a harder dot-counting task, from an honest cold start.
 
-    .venv/bin/python bench/toy_replication.py --arms octopus,gspo-n16 --seeds 0,1,2 --out bench/results
-    .venv/bin/python bench/toy_replication.py --quick        # 1 seed, 40 steps (~10 min from an empty cache)
+    .venv/bin/python bench/toy_replication.py                  # rare regime: the experiment (resumes)
+    .venv/bin/python bench/toy_replication.py --arms octopus --seeds 3 --out /tmp/re  # one job, from nothing
+    .venv/bin/python bench/toy_replication.py --quick          # 1 seed, 5 arms, 30 steps
     .venv/bin/python bench/toy_replication.py --smoke --out /tmp/toy   # every stage, 2 steps (CI)
+    .venv/bin/python bench/toy_replication.py --regime dense --seeds 0,1,2   # the committed run
 
-Per seed, once (cached under `--work`): a tiny Qwen3-VL; a plain-answer "base" policy (SFT on
-single answers `<think>..</think> \\boxed{N}`, stopped early by measurement, imperfect like a real
-base model); the cold start of Sec. 4.1 in miniature (mixed sampling): the base policy samples o1
-through coldstart.py's real engine path, an oracle "stronger model" that reads the ground truth
-from its prompt writes a correct o2, only well-formed correct o2 are kept, then SFT on o1 + SC +
-o2 (1 epoch). Then each arm trains for the same number of RL steps with the same shared
-hyperparameters (`SHARED`), differing only in what defines it (`ARMS`):
+Two regimes, one per cold start (Sec. 4.1 in miniature: o1 from the policy, o2 from an oracle
+"stronger model" that reads o1 and the truth, SFT on o1 + SC + o2 with the vision tower frozen):
+
+  rare (default): the paper's regime. The base policy samples o1 at the training temperature;
+      the oracle writes the truth with probability q and otherwise restates o1's answer; no o2
+      is filtered. Accepted per seed only by measurement on the dev set (T 1.0, every dev
+      prompt x 8): well-formed o1 + SC + o2 >= 0.9, w->c <= 2% of generated rollouts, SFT only
+      within 0.02 of the base policy, base accuracy 0.35-0.6 with format >= 0.95 (`REGIME`).
+      Every result is a job file under `--out`/jobs (one cold start, one seed's start
+      evaluations, one arm x seed x learning rate), written when the job ends, with the commit
+      it ran from and the sha256 of the checkpoints it made or started from; a job whose file
+      exists is skipped, and a cold start whose cache is gone is rebuilt and must match its
+      committed checkpoints bit for bit. Outputs: runs.csv, calibration.json, lr_grid.json,
+      claims.csv, compute.csv, report.md.
+  dense: the committed experiment (bench/results/toy_*): o1 at T 0.6, an always-right o2, only
+      correct o2 kept. w->c in ~30% of generated rollouts: when corrections are dense, which
+      ones are spliced cannot matter.
+
+Arms (`ARMS`): each trains for the same number of RL steps with the same shared hyperparameters
+(`SHARED`, at the arm's learning rate), differing only in what defines it:
 
     octopus           Stage I then Stage II (half the steps each), from the cold start
     gspo-n8/-n16      GSPO with the plain prompt and reward, from the base policy (as the paper)
@@ -19,14 +34,18 @@ hyperparameters (`SHARED`), differing only in what defines it (`ARMS`):
     random-augment    the Octopus recipe, N - n spliced samples uniformly from the pool
     released-augment  the Octopus recipe with the released code's quotas
     no-stage1         Stage II only, all steps, from the cold start
+    no-splice-n16     (rare) the Octopus recipe with n = 16 generated and the 16 originals trained
+    gspo-n16-exposed  (rare) GSPO n = 16 from the base policy given as many more plain-answer SFT
+                      steps as the cold start took (its supervised exposure)
     sft-only          the cold start, evaluated (no RL)
 
-Validation every `val_every` steps at temperature 0.6 / top-p 0.95 on a fixed held-out set of
-256 images (and at step 0 on each starting checkpoint): acc@1, acc@2, w->c, c->w, corrections.
-Each (arm, seed) runs in its own process (one in-process vLLM engine and process group per
-run), at most `--parallel` at once, one thread each. Outputs in `--out`: toy_replication.csv
-(one row per arm x seed x validation point), toy_calibration.json, the plots (if matplotlib is
-installed) and toy_replication.md (the tables).
+Rare regime: the learning rate of every arm is chosen by one rule from one grid (3e-5, 1e-4,
+3e-4) at seed 0 on the dev set (`choose_lr`); dev curves (256 dev prompts, T 0.6) every 10 steps;
+the fixed test set (1024 images, disjoint from every training and dev image by a split on the
+pixels' hash) sampled 4 times each at T 0.6 on each starting checkpoint and at the end of each
+run. Claims: paired differences over seeds with a 95% t-interval and the smallest difference
+the seeds can detect. Each job runs in its own process (one vLLM engine and process group),
+at most `--parallel` at once, one thread each.
 """
 
 from __future__ import annotations
@@ -919,8 +938,17 @@ def data_paths(work: str) -> dict[str, str]:
 def write_eval_sets(work: str, scale: dict) -> dict[str, str]:
     """The dev set (calibration, learning rates, curves) and the fixed test set, once."""
     paths = data_paths(work)
-    write_rows(split_task(scale["dev"], DEV_SEED, "dev"), paths["dev"])
-    write_rows(split_task(scale["test"], TEST_SEED, "test"), paths["test"])
+    held = os.path.join(work, "data", "heldout_hashes.json")
+    if not os.path.exists(held):
+        dev, test = (
+            split_task(scale["dev"], DEV_SEED, "dev"),
+            split_task(scale["test"], TEST_SEED, "test"),
+        )
+        write_rows(dev, paths["dev"])
+        write_rows(test, paths["test"])
+        write_json(
+            {"dev": [image_hash(e) for e in dev], "test": [image_hash(e) for e in test]}, held
+        )
     return paths
 
 
@@ -955,8 +983,8 @@ def rare_cold_job(
     exposure_sft = write_rows(exposure_rows, os.path.join(d, "exposure-sft", "rows.jsonl"),
                               [synthetic_answer(e["answer"]) for e in exposure_rows])  # fmt: skip
     # disjointness, checked on the very rows this seed trains on
-    held_out = {image_hash(e) for e in split_task(scale["test"], TEST_SEED, "test")}
-    held_out |= {image_hash(e) for e in split_task(scale["dev"], DEV_SEED, "dev")}
+    held = json.load(open(os.path.join(work, "data", "heldout_hashes.json")))
+    held_out = set(held["dev"]) | set(held["test"])
     shared = held_out & {image_hash(e) for e in base_rows + pool + cold_inputs + exposure_rows}
     if shared:
         raise SystemExit(f"seed {seed}: {len(shared)} training images are in the dev/test sets")
@@ -1316,6 +1344,22 @@ def choose_lr(scores: dict[float, float]) -> float:
     return max(sorted(scores), key=lambda lr: (round(scores[lr], 6), -lr))
 
 
+def lr_for(arm: str, jobs: dict, scale: dict, lr: float = 0.0, lr_from: str = "") -> float | None:
+    """The learning rate an arm runs its seeds at: `lr` if given; else the one the grid in
+    `jobs` chose; else the one chosen in `lr_from` (the committed lr_grid.json); else None
+    while the grid still has to run (1e-4 at a scale without a grid)."""
+    if lr:
+        return lr
+    chosen = lr_grid(jobs, [arm], tuple(scale["lr_grid"])).get(arm, {}).get("chosen")
+    if chosen is not None:
+        return chosen
+    if lr_from and os.path.exists(lr_from):
+        chosen = json.load(open(lr_from))["arms"].get(arm, {}).get("chosen")
+        if chosen is not None:
+            return chosen
+    return None if scale["lr_grid"] else 1e-4
+
+
 def job_name(kind: str, seed: int, arm: str = "", lr: float = 0.0) -> str:
     return f"arm-{arm}-seed{seed}-lr{lr:g}" if kind == "arm" else f"{kind}-seed{seed}"
 
@@ -1382,9 +1426,10 @@ def fmt_ci(c: dict) -> str:
             f"{c['seeds_a_gt_b']}/{c['n_seeds']} seeds, detectable {c['detectable_diff']:.3f}")  # fmt: skip
 
 
-def aggregate(out: str, arms: list[str], scale: dict) -> str:
-    """Everything under `out` from its job files: runs.csv, calibration.json, lr_grid.json,
-    claims.csv, compute.csv and report.md (returned)."""
+def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> str:
+    """Everything under `out` from its job files: runs.csv (each arm at its lr, `lr_for` with
+    `lr_args`), calibration.json, lr_grid.json, claims.csv, compute.csv, the accuracy against
+    generated tokens, and report.md (returned)."""
     jobs = load_jobs(out)
     grid = lr_grid(jobs, arms, tuple(scale["lr_grid"]))
     write_json({"rule": "per arm, the lr of the grid with the highest dev score (mean dev "
@@ -1399,11 +1444,9 @@ def aggregate(out: str, arms: list[str], scale: dict) -> str:
                 for s in sorted(cold)}}, os.path.join(out, "calibration.json"))  # fmt: skip
     rows, finals, compute = [], {}, []
     seeds = sorted({j["seed"] for j in jobs.values()})
+    chosen = {a: lr for a in arms if ARMS[a][1] and (lr := lr_for(a, jobs, scale, *lr_args))}
     for arm in arms:
-        lr = grid.get(arm, {}).get("chosen")
-        if lr is None and ARMS[arm][1]:  # no grid (quick, or --lr): the one lr that ran
-            lrs = {j["lr"] for j in jobs.values() if j.get("arm") == arm}
-            lr = lrs.pop() if len(lrs) == 1 else None
+        lr = chosen.get(arm)
         for seed in seeds:
             rs = run_rows(jobs, arm, seed, lr)
             rows += rs
@@ -1431,6 +1474,7 @@ def aggregate(out: str, arms: list[str], scale: dict) -> str:
             w = csv.DictWriter(f, fieldnames=list(compute[0]))
             w.writeheader()
             w.writerows(compute)
+    rare_plots(out, jobs, chosen)
     lines = ["| seed | base acc T1 | base format T1 | cold o1+SC+o2 T1 | cold w->c | "
              "SFT only - base | accepted |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for s in sorted(cold):
@@ -1443,6 +1487,61 @@ def aggregate(out: str, arms: list[str], scale: dict) -> str:
     lines += [f"| {c['claim']} | {c['a']} - {c['b']} | {c['paper']} | {fmt_ci(c)} | "
               f"{c['verdict']} |" for c in claims]  # fmt: skip
     return "\n".join(lines)
+
+
+def cost_curve(job: dict) -> list[dict]:
+    """(generated tokens so far, dev acc@2) at each validation of an arm job: accuracy per
+    generation cost, the paper's claim (Sec. 5: 8 generated -> 16 trained at the cost of 8)."""
+    spent, out, k = 0, [], 0
+    steps = {r["global_step"]: r for r in job["steps"]}
+    for p in job["curve"]:
+        while k < p["step"]:
+            k += 1
+            spent += steps.get(k, {}).get("gen_tokens", 0)
+        out.append({"gen_tokens": spent, "dev_acc2": p["val_acc_final"], "step": p["step"]})
+    return out
+
+
+def rare_plots(out: str, jobs: dict[str, dict], chosen: dict[str, float]) -> list[str]:
+    """accuracy_vs_generated_tokens.csv (always) and .png (with matplotlib): each arm's dev acc@2
+    against generated tokens, mean over the seeds that ran at the arm's chosen lr."""
+    series: dict[str, list[list[dict]]] = {}
+    for j in jobs.values():
+        if j["kind"] == "arm" and chosen.get(j["arm"]) == j["lr"]:
+            series.setdefault(j["arm"], []).append(cost_curve(j))
+    rows = []
+    for arm, curves in sorted(series.items()):
+        for points in zip(*curves, strict=False):
+            rows.append({"arm": arm, "step": points[0]["step"], "seeds": len(points),
+                         "gen_tokens": round(statistics.fmean(p["gen_tokens"] for p in points)),
+                         "dev_acc2": round(statistics.fmean(p["dev_acc2"] for p in points), 4)})  # fmt: skip
+    if not rows:
+        return []
+    with open(os.path.join(out, "accuracy_vs_generated_tokens.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    written = ["accuracy_vs_generated_tokens.csv"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[regime] matplotlib is not installed: the plot's points are in the CSV only")
+        return written
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for arm in series:
+        pts = [r for r in rows if r["arm"] == arm]
+        ax.plot([r["gen_tokens"] for r in pts], [r["dev_acc2"] for r in pts], marker=".", label=arm)
+    ax.set_xlabel("generated tokens (cumulative)")
+    ax.set_ylabel("dev acc@2 (T 0.6)")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_vs_generated_tokens.png"), dpi=110)
+    plt.close(fig)
+    return [*written, "accuracy_vs_generated_tokens.png"]
 
 
 # --------------------------------------------------------------------------- the driver
@@ -1464,16 +1563,7 @@ def rare_jobs(args, scale: dict, out: str, work: str, arms: list[str], seeds: li
         common.append("--reuse_base")
 
     def lr_of(arm: str) -> float | None:
-        if args.lr:
-            return args.lr
-        grid = lr_grid(jobs, [arm], tuple(scale["lr_grid"])).get(arm, {})
-        if grid.get("chosen") is not None:
-            return grid["chosen"]
-        if args.lr_from and os.path.exists(args.lr_from):
-            chosen = json.load(open(args.lr_from))["arms"].get(arm, {}).get("chosen")
-            if chosen is not None:
-                return chosen
-        return None if scale["lr_grid"] else 1e-4
+        return lr_for(arm, jobs, scale, args.lr, args.lr_from)
 
     todo: list[dict] = []
     arm_runs = []  # (arm, seed, lr)
@@ -1596,7 +1686,7 @@ def rare_main(args) -> None:
         ran += len(run_rare_jobs(todo, out, logs, args.parallel))
         if args.max_jobs and ran >= args.max_jobs:
             break
-    md = aggregate(out, arms, scale)
+    md = aggregate(out, arms, scale, (args.lr, args.lr_from))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(md + "\n")
     print(md)
