@@ -1649,6 +1649,27 @@ def run_rare_jobs(todo: list[dict], out: str, log_dir: str, parallel: int) -> li
     return ran
 
 
+def compare_jobs(out: str, reference: str) -> list[str]:
+    """Each job of `out` that `reference` (the committed results) also has, compared: the
+    checkpoints' sha256 of a cold start, the final test accuracies of an arm (issue: a rerun
+    must reproduce its committed row within 0.03; the same commit should give them exactly)."""
+    mine, theirs = load_jobs(out), load_jobs(reference)
+    lines = []
+    for name in sorted(set(mine) & set(theirs)):
+        a, b = mine[name], theirs[name]
+        head = f"{name} (here {a['commit'][:10]}, committed {b['commit'][:10]}):"
+        if a["kind"] == "cold":
+            same = a["checkpoints"] == b["checkpoints"]
+            lines.append(f"{head} checkpoints {'identical' if same else 'DIFFER'}")
+        elif a["kind"] == "arm":
+            d1 = a["test"]["val_acc_o1"] - b["test"]["val_acc_o1"]
+            d2 = a["test"]["val_acc_final"] - b["test"]["val_acc_final"]
+            same = a["final_checkpoint"] == b["final_checkpoint"]
+            lines.append(f"{head} test acc@1 {d1:+.4f}, acc@2 {d2:+.4f}, final checkpoint "
+                         f"{'identical' if same else 'differs'}")  # fmt: skip
+    return lines
+
+
 def rare_main(args) -> None:
     scale = dict(RARE_SCALES[args.scale_name])
     if args.steps:
@@ -1690,6 +1711,10 @@ def rare_main(args) -> None:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(md + "\n")
     print(md)
+    reference = os.path.join(ROOT, "bench", "results", "regime")
+    if os.path.abspath(reference) != out:
+        for line in compare_jobs(out, reference):
+            print(f"[regime] rerun vs committed: {line}")
     print(f"[regime] results in {out}; wall-clock {time.time() - t0:.0f} s")
 
 

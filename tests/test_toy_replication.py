@@ -476,3 +476,22 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
     assert [(r["arm"], r["gen_tokens"], r["dev_acc2"]) for r in cost if r["arm"] == "octopus"] == [
         ("octopus", "200", "0.5"), ("octopus", "400", "0.6")]  # fmt: skip
     assert "| 0 | 0.400 | 0.970 | 0.930 | 0.0100 | +0.010 | yes |" in md
+
+
+def test_compare_jobs_reports_checkpoints_and_test_accuracy_against_the_committed(tmp_path):
+    here, ref = str(tmp_path / "here"), str(tmp_path / "ref")
+    for folder, sha, acc in ((here, "aa", 0.70), (ref, "aa", 0.72)):
+        toy.write_json({"kind": "cold", "commit": "1" * 40, "checkpoints": {"cold": sha}},
+                       os.path.join(folder, "jobs", "cold-seed0.json"))  # fmt: skip
+        toy.write_json({"kind": "arm", "commit": "2" * 40, "final_checkpoint": sha + str(acc),
+                        "test": {"val_acc_o1": 0.5, "val_acc_final": acc}},
+                       os.path.join(folder, "jobs", "arm-octopus-seed0-lr0.0001.json"))  # fmt: skip
+    toy.write_json(
+        {"kind": "cold", "commit": "3" * 40, "checkpoints": {"cold": "bb"}},
+        os.path.join(ref, "jobs", "cold-seed1.json"),
+    )  # only in the reference
+    assert toy.compare_jobs(here, ref) == [
+        "arm-octopus-seed0-lr0.0001 (here 2222222222, committed 2222222222): test acc@1 +0.0000, "
+        "acc@2 -0.0200, final checkpoint differs",
+        "cold-seed0 (here 1111111111, committed 1111111111): checkpoints identical",
+    ]
