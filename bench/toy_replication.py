@@ -713,7 +713,9 @@ def run_jobs(jobs: list[dict], parallel: int, log_dir: str) -> dict[str, float]:
 #     answer in a fresh well-formed part: a teacher whose corrections the student mostly cannot
 #     absorb, as an 8B student's are (paper: w->c < 1% after the cold start);
 #   - no filter on o2's correctness (a filter keeps mostly right o1: rejection sampling, a skill
-#     gain); only o1 with an answer are used, since the format needs one.
+#     gain); only o1 with an answer are used, since the format needs one;
+#   - o1 out of the SFT gradient (`_mask_o1_in_coldstart`): the policy's own sample teaches it
+#     nothing but noise.
 # The base policy is trained further than the dense one's (sampled accuracy 0.35-0.6 and a
 # well-formed answer >= 0.95 at temperature 1.0, as a real instruct model's format is).
 # Each regime condition is *measured* per seed on the dev set (`calibration.json`), never set.
@@ -903,6 +905,35 @@ def _stop_on_plain_format(train_module) -> None:
     train_module.validate = plain
 
 
+def _mask_o1_in_coldstart(train_module, stage_dir: str = "cold") -> None:
+    """The cold start's SFT trains SC + o2 and not o1 (its gradient through o1's tokens is
+    cut; the loss value and its normalizer are unchanged). o1 is the base policy's own sample:
+    its expected gradient is zero, but at the SFT's lr its noise is a random walk that costs
+    skill (design 2, seed 0: SFT only 0.137 below the base at T 1.0, and the same loss, -0.13,
+    for plain SFT on the same rows' answers). Wraps train.forward_chunks for the SFT stage whose
+    out_dir is named `stage_dir`; o1's tokens are augment.make_rollout's `o1_len`. A library
+    option masking o1 out of the SFT loss would be cleaner."""
+    import torch
+
+    from augment import make_rollout
+
+    forward_chunks = train_module.forward_chunks
+
+    def masked(t, model, groups, budget):
+        cold = t.cfg.stage == "sft" and os.path.basename(t.cfg.out_dir) == stage_dir
+        for chunk, logps, weight in forward_chunks(t, model, groups, budget):
+            if cold:
+                items = [(groups[g], k) for g, ks in chunk for k in ks]
+                cut = [make_rollout(g.items[k].ids, t.processor.tokenizer,
+                                    g.example["answer"]).o1_len for g, k in items]  # fmt: skip
+                logps = [
+                    torch.cat([lp[:n].detach(), lp[n:]]) for lp, n in zip(logps, cut, strict=True)
+                ]
+            yield chunk, logps, weight
+
+    train_module.forward_chunks = masked
+
+
 def evaluate(engine, model: str, data: str, *, suffix: str, temperature: float, top_p: float,
              n: int, prompts: int, seed: int, out_dir: str) -> dict:  # fmt: skip
     """Sampled accuracy and format of `model` on `data` (train.validate, `n` samples per
@@ -982,6 +1013,7 @@ def rare_cold_job(
 
     t0 = time.time()
     _stop_on_plain_format(train)
+    _mask_o1_in_coldstart(train)
     d, paths, sets = seed_dir(work, seed), rare_paths(work, seed), data_paths(work)
     shutil.rmtree(d, ignore_errors=True)  # a job runs from nothing: no cache of older code
     sft = {**SFT, **scale.get("sft", {})}
@@ -1058,7 +1090,8 @@ def rare_cold_job(
     job["base_curve"] = _curve(cfg.out_dir)
     job["base_steps"] = _last_step(cfg.out_dir)
 
-    # 2. the rare cold start: rows, then SFT (vision frozen) until the format holds at T 1.0
+    # 2. the rare cold start: rows, then SFT on SC + o2 (o1 in context, out of the gradient:
+    #    `_mask_o1_in_coldstart`; vision frozen) until the format holds at T 1.0
     processor = AutoProcessor.from_pretrained(base)
     processor.image_processor.size = dict(engine.image_size)
     rows = os.path.join(d, "cold-data", "rows.jsonl")
