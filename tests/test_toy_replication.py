@@ -495,35 +495,3 @@ def test_compare_jobs_reports_checkpoints_and_test_accuracy_against_the_committe
         "acc@2 -0.0200, final checkpoint differs",
         "cold-seed0 (here 1111111111, committed 1111111111): checkpoints identical",
     ]
-
-
-def test_coldstart_sft_takes_no_gradient_through_o1(processor):
-    import torch
-
-    tok = processor.tokenizer
-    o1 = "<think>\nI count the dots: 4.\n</think>\n\n\\boxed{4}"
-    response = o1 + toy.SC + synthetic_answer("5")
-    ids = tok.encode(response, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
-    example = {"answer": "5"}
-    group = types.SimpleNamespace(example=example, items=[types.SimpleNamespace(ids=ids)] * 2)
-    leaves = [torch.zeros(len(ids), requires_grad=True) for _ in range(2)]
-
-    def forward_chunks(t, model, groups, budget):
-        yield [(0, [0, 1])], [x * 1.0 for x in leaves], 1
-
-    for out_dir, cut in (("runs/x/cold", True), ("runs/x/exposed", False)):
-        module = types.SimpleNamespace(forward_chunks=forward_chunks)
-        toy._mask_o1_in_coldstart(module)
-        t = types.SimpleNamespace(cfg=types.SimpleNamespace(stage="sft", out_dir=out_dir),
-                                  processor=processor)  # fmt: skip
-        for x in leaves:
-            x.grad = None
-        for _, logps, _ in module.forward_chunks(t, None, [group], 0):
-            sum(lp.sum() for lp in logps).backward()
-        n1 = len(tok.encode(o1, add_special_tokens=False))
-        for x in leaves:  # o1's tokens (its last may merge with SC's newlines) get no gradient
-            zero = (x.grad == 0).nonzero().flatten().tolist()
-            if cut:
-                assert zero == list(range(len(zero))) and n1 - 1 <= len(zero) <= n1
-            else:
-                assert zero == []
