@@ -495,29 +495,3 @@ def test_compare_jobs_reports_checkpoints_and_test_accuracy_against_the_committe
         "acc@2 -0.0200, final checkpoint differs",
         "cold-seed0 (here 1111111111, committed 1111111111): checkpoints identical",
     ]
-
-
-def test_coldstart_sft_takes_no_gradient_through_o1s_count_only(processor):
-    import torch
-
-    tok = processor.tokenizer
-    o1 = "<think>\nI count the dots: 4.\n</think>\n\n\\boxed{4}"
-    ids = tok.encode(o1 + toy.SC + synthetic_answer("5"), add_special_tokens=False) + [
-        tok.convert_tokens_to_ids("<|im_end|>")]  # fmt: skip
-    group = types.SimpleNamespace(example={"answer": "5"}, items=[types.SimpleNamespace(ids=ids)])
-    leaf = torch.zeros(len(ids), requires_grad=True)
-
-    def forward_chunks(t, model, groups, budget):
-        yield [(0, [0])], [leaf * 1.0], 1
-
-    digits = [k for k, i in enumerate(ids) if any(c.isdigit() for c in tok.decode([i]))]
-    assert len(digits) == 4  # o1's count twice, o2's twice
-    for out_dir, cut in (("runs/x/cold", digits[:2]), ("runs/x/exposed", [])):
-        module = types.SimpleNamespace(forward_chunks=forward_chunks)
-        toy._no_gradient_on_o1_answer(module)
-        t = types.SimpleNamespace(cfg=types.SimpleNamespace(stage="sft", out_dir=out_dir),
-                                  processor=processor)  # fmt: skip
-        leaf.grad = None
-        for _, logps, _ in module.forward_chunks(t, None, [group], 0):
-            logps[0].sum().backward()
-        assert (leaf.grad == 0).nonzero().flatten().tolist() == cut
