@@ -729,7 +729,7 @@ def run_jobs(jobs: list[dict], parallel: int, log_dir: str) -> dict[str, float]:
 # -0.137 (design 2, lr 1e-3), -0.066 (design 4, this code: lr 3e-4); cutting o1 (design 3) or
 # only o1's count (design 5) out of the gradient broke o1 (acc@1 0.05, 0.11). The plain-answer
 # exposure SFT on the same rows shows why: deterministic runs, same rows and lr, dev accuracy
-# 0.357 after 208 steps and 0.453 after 252: along any SFT on the policy's own answers the
+# 0.357 after 208 steps and 0.453 after 253: along any SFT on the policy's own answers the
 # accuracy of this base swings by ~0.1, since it was stopped in the middle of a steep rise
 # (0.25 -> 0.52 between two validations 20 steps apart). Next: a base whose accuracy has
 # plateaued in 0.35-0.6 (a harder image or fewer visual tokens, trained to convergence), so that
