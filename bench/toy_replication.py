@@ -1757,7 +1757,7 @@ def rare_main(args) -> None:
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    if args.quick:
+    if args.quick or args.smoke:  # one seed is a smoke (README commands run with --smoke)
         seeds = seeds[:1]
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -1800,7 +1800,11 @@ def main(argv: list[str] | None = None) -> None:
         "--work", default="", help="cache of models and runs (default runs/toy*, runs/regime-*)"
     )
     ap.add_argument("--quick", action="store_true", help="1 seed (the first), fewer steps")
-    ap.add_argument("--smoke", action="store_true", help="every stage for 2 steps, tiny sizes (CI)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every stage for 2 steps, tiny sizes (CI); rare: the first seed only",
+    )
     ap.add_argument("--steps", type=int, default=0, help="RL steps per arm (0: the scale's)")
     ap.add_argument("--lr", type=float, default=0.0,
                     help="RL learning rate of every arm (0: rare: the lr grid's; dense: SHARED's)")  # fmt: skip
