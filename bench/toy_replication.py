@@ -73,7 +73,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from coldstart import o1_prompts, question_row  # noqa: E402
-from data import synthetic_answer, synthetic_task  # noqa: E402
+from data import DOTS_VARIANTS, synthetic_answer, synthetic_task  # noqa: E402
 from octopus import BASELINE_SUFFIX, PRESETS, SC, split_response  # noqa: E402
 from reward import answer_of, score  # noqa: E402
 
@@ -752,11 +752,12 @@ RARE_SCALES = {
     # the experiment: >= 150 RL steps per arm, dev curves on 256 prompts every 10 steps, the
     # test set of 1024 images x 4 samples at T 0.6 at each start and at the end of each run
     "full": dict(steps=150, val_every=10, dev=512, dev_curve=256, test=1024, test_n=4,
-                 calib_n=8, base_rows=8192, base_max_steps=1000, base_val_every=20,
-                 base_stop=0.45, base_stop_format=0.97, stop_prompts=128, cold_inputs=4096,
-                 cold_samples=4, q=0.05, rl_pool=4096, cold_epochs=1.0, cold_val_every=16,
-                 cold_stop=0.94, cold_lr=3e-4, format_rows=8192, format_max_steps=400,
-                 lr_grid=RARE_LR_GRID,
+                 calib_n=8, base_rows=8192, base_max_steps=300, base_val_every=20,
+                 base_stop=0.0, base_stop_format=0.0, format_stop=0.97, stop_prompts=128,
+                 cold_inputs=2048,
+                 cold_samples=4, q=0.03, rl_pool=4096, cold_epochs=1.0, cold_val_every=16,
+                 cold_stop=0.94, format_rows=8192, format_max_steps=400,
+                 base_labels="systematic", lr_grid=RARE_LR_GRID,
                  enforce=True),
     # one seed, a few arms, 30 steps, smaller dev and test sets, no learning-rate grid
     "quick": dict(steps=30, val_every=10, dev=256, dev_curve=128, test=256, test_n=1,
@@ -858,6 +859,22 @@ def write_json(obj: dict, path: str) -> None:
 
 
 # --------------------------------------------------------------------------- the cold start
+
+
+def squares_of(example: dict) -> int:
+    """How many grey squares the hard task drew (each a 17 x 17 block of `square_fill`)."""
+    image = next(i["image"] for i in example["messages"][0]["content"] if i["type"] == "image")
+    grey = dict((c, n) for n, c in image.getcolors())
+    return grey.get(DOTS_VARIANTS[VARIANT]["square_fill"], 0) // 289
+
+
+def base_label(example: dict, labels: str) -> str:
+    """The base policy's SFT answer: the truth ("truth"), or ("systematic") the dots and the
+    squares counted together on images with two or more squares: a confident base with a
+    systematic error, as a real base model's are, that plateaus near half right."""
+    if labels == "systematic" and squares_of(example) >= 2:
+        return str(int(example["answer"]) + squares_of(example))
+    return example["answer"]
 
 
 def restating_o2(o1: str, truth: str, rng: random.Random, q: float) -> str:
@@ -1011,8 +1028,9 @@ def rare_cold_job(
     sft = {**SFT, **scale.get("sft", {})}
     tiny = build_tiny(os.path.join(d, "tiny-init"), seed=seed)
     base_rows = split_task(scale["base_rows"], seed * 10 + 1, "train")
+    labels = scale.get("base_labels", "truth")
     base_sft = write_rows(base_rows, os.path.join(d, "base-sft", "rows.jsonl"),
-                          [synthetic_answer(e["answer"]) for e in base_rows])  # fmt: skip
+                          [synthetic_answer(base_label(e, labels)) for e in base_rows])  # fmt: skip
     pool = split_task(scale["rl_pool"], seed * 10 + 2, "train")
     write_rows(pool, os.path.join(d, "rl", "rows.jsonl"))
     cold_inputs = split_task(scale["cold_inputs"], seed * 10 + 3, "train")
@@ -1041,7 +1059,8 @@ def rare_cold_job(
                      lr_schedule="constant", warmup_ratio=0.0, max_steps=scale["format_max_steps"],
                      val_every=scale["base_val_every"], val_temperature=1.0, val_top_p=1.0,
                      val_max_prompts=scale["stop_prompts"],
-                     sft_stop_format=scale["base_stop_format"], seed=seed)  # fmt: skip
+                     sft_stop_format=scale.get("format_stop", scale["base_stop_format"]),
+                     seed=seed)  # fmt: skip
     cfg = preset("sft", **sft, model=os.path.join(fmt_cfg.out_dir, "export"), sft_data=base_sft,
                  val_data=sets["dev"], epochs=1,
                  out_dir=os.path.join(d, "base"), prompt_suffix="baseline", lr_schedule="constant",
@@ -1055,7 +1074,7 @@ def rare_cold_job(
     recipe = hashlib.sha256(
         json.dumps(
             [dataclasses.asdict(c.replace(out_dir="")) for c in (fmt_cfg, cfg)]
-            + [seed, scale["base_rows"], scale["format_rows"]],
+            + [seed, scale["base_rows"], scale["format_rows"], scale.get("base_labels", "truth")],
             sort_keys=True,
         ).encode()
     ).hexdigest()
