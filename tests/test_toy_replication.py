@@ -495,3 +495,16 @@ def test_compare_jobs_reports_checkpoints_and_test_accuracy_against_the_committe
         "acc@2 -0.0200, final checkpoint differs",
         "cold-seed0 (here 1111111111, committed 1111111111): checkpoints identical",
     ]
+
+
+def test_systematic_base_labels_count_the_squares_on_images_with_two_or_more():
+    grey = DOTS_VARIANTS["hard"]["square_fill"]
+    seen = set()
+    for e in synthetic_task(40, seed=21, suffix="", variant="hard"):
+        squares = len(_blobs(e["messages"][0]["content"][0]["image"], grey))
+        assert toy.squares_of(e) == squares
+        want = int(e["answer"]) + squares if squares >= 2 else int(e["answer"])
+        assert toy.base_label(e, "systematic") == str(want)
+        assert toy.base_label(e, "truth") == e["answer"]
+        seen.add(squares >= 2)
+    assert seen == {True, False}
