@@ -723,17 +723,15 @@ def run_jobs(jobs: list[dict], parallel: int, log_dir: str) -> dict[str, float]:
 # well-formed answer >= 0.95 at temperature 1.0, as a real instruct model's format is).
 # Each regime condition is *measured* per seed on the dev set (`calibration.json`), never set.
 #
-# Status (seed 0, bench/results/regime/attempts/): no design is in the regime yet. The base
-# policy (0.489 / format 0.990 at T 1.0) and the cold start's format (>= 0.90) and w->c (<= 1.4%)
-# are; "SFT only within 0.02 of the base" is not: -0.074 (design 1, switched instruction),
-# -0.137 (design 2, lr 1e-3), -0.066 (design 4, this code: lr 3e-4); cutting o1 (design 3) or
-# only o1's count (design 5) out of the gradient broke o1 (acc@1 0.05, 0.11). The plain-answer
-# exposure SFT on the same rows shows why: deterministic runs, same rows and lr, dev accuracy
-# 0.357 after 208 steps and 0.453 after 253: along any SFT on the policy's own answers the
-# accuracy of this base swings by ~0.1, since it was stopped in the middle of a steep rise
-# (0.25 -> 0.52 between two validations 20 steps apart). Next: a base whose accuracy has
-# plateaued in 0.35-0.6 (a harder image or fewer visual tokens, trained to convergence), so that
-# a cold start's noise moves it little.
+# Status (seed 0, bench/results/regime/attempts/): no design is in the regime yet. SFT only -
+# base at T 1.0: -0.074 (design 1, switched instruction), -0.137 (design 2, lr 1e-3), -0.066
+# (design 4, lr 3e-4); cutting o1 (design 3) or o1's count (design 5) out of the gradient broke
+# o1. Those bases were stopped mid-rise (0.25 -> 0.52 between two validations), where any SFT on
+# their own answers swings accuracy by ~0.1 (the exposure SFT, deterministic, same rows: 0.357
+# after 208 steps, 0.453 after 253). Design 6, this code: a confident base with a systematic
+# error (`base_label`), trained a fixed 300 steps: SFT only +0.023, exposure +0.009, cold format
+# 0.948, w->c 0.9%, base format 0.994, but base accuracy 0.226 < 0.35: the rule was not learned
+# to its plateau (~0.5) in 300 steps. Next: the same base trained to its plateau.
 
 RARE_LR_GRID = (3e-5, 1e-4, 3e-4)
 # Every arm and the cold start read the plain instruction (octopus.BASELINE_SUFFIX). The tiny
