@@ -1,12 +1,15 @@
-"""bench/toy_replication.py: the hard dot task, the oracle of the cold start, the arms' configs,
-the tables; and a smoke run of every stage (2 steps) that CI runs."""
+"""bench/toy_replication.py: the hard dot task, the oracles of both cold starts, the arms'
+configs, the disjoint splits, the statistics of the claims, the lr rule, the tables; and one
+smoke run of every stage of the rare regime (2 steps) that CI runs."""
 
 import csv
 import json
+import math
 import os
 import random
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -16,7 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import toy_replication as toy  # noqa: E402
 
 from coldstart import strong_messages  # noqa: E402
-from data import DOTS_VARIANTS, dots_image, synthetic_task  # noqa: E402
+from data import DOTS_VARIANTS, dots_image, synthetic_answer, synthetic_task  # noqa: E402
 from reward import score  # noqa: E402
 
 # --------------------------------------------------------------------------- the hard task
@@ -117,7 +120,7 @@ def _diff(a, b) -> set[str]:
 
 def test_each_arm_differs_from_octopus_only_in_what_defines_it():
     scale = dict(toy.SCALES["full"])
-    cfg = {arm: toy.arm_configs(arm, 0, scale, "/w") for arm in toy.ARMS}
+    cfg = {arm: toy.arm_configs(arm, 0, scale, "/w") for arm in toy.DENSE_ARMS}
     stage1, stage2 = cfg["octopus"]
     assert (stage1.stage, stage2.stage, stage1.kl_coef, stage2.kl_coef) == ("1", "2", 0.01, 0.0)
     assert cfg["octopus"][0].model == "/w/seed0/cold/export"
@@ -170,39 +173,338 @@ def test_tables_give_paired_differences_over_seeds():
     assert "| 0.70 ± 0.14 | 2/2 faster |" in ratio  # 3/5 and 4/5
 
 
+# --------------------------------------------------------------------------- the rare regime
+
+
+def test_rare_controls_differ_from_their_reference_only_in_what_defines_them():
+    scale = dict(toy.RARE_SCALES["full"])
+    cfg = {a: toy.rare_arm_configs(a, 3, scale, "/w", 3e-4) for a in toy.ARMS if toy.ARMS[a][1]}
+    octopus = cfg["octopus"]
+    # 16 generated and the 16 originals trained, no splicing, in both stages
+    assert [_diff(c, o) for c, o in zip(cfg["no-splice-n16"], octopus, strict=True)] == [
+        {"augment", "n_rollouts"}
+    ] * 2
+    assert [(c.n_rollouts, c.n_train, c.augment) for c in cfg["no-splice-n16"]] == [
+        (16, 16, "none")
+    ] * 2
+    # the exposure-matched GSPO is GSPO n = 16 from another checkpoint
+    (exposed,), (gspo,) = cfg["gspo-n16-exposed"], cfg["gspo-n16"]
+    assert _diff(exposed, gspo) == set()
+    assert (exposed.model, gspo.model) == ("/w/seed3/exposed/export", "/w/seed3/base/export")
+    for arm, stages in cfg.items():
+        assert sum(c.max_steps for c in stages) == 150
+        for k, c in enumerate(stages):
+            assert (c.lr, c.val_data, c.val_max_prompts, c.val_every) == (
+                3e-4, "/w/data/dev/dev.jsonl", 256, 10)  # fmt: skip
+            assert (
+                c.seed == 3 + 1000 * k and c.out_dir == f"/w/seed3/arms/{arm}-lr0.0003/stage{k + 1}"
+            )
+    assert [c.max_steps for c in octopus] == [75, 75]
+
+
+def test_splits_are_disjoint_by_pixels_and_deterministic():
+    test = toy.split_task(64, toy.TEST_SEED, "test")
+    dev = toy.split_task(64, toy.DEV_SEED, "dev")
+    train = [e for s in (1, 2, 11) for e in toy.split_task(300, s, "train")]
+    hashes = {name: [toy.image_hash(e) for e in rows] for name, rows in
+              (("test", test), ("dev", dev), ("train", train))}  # fmt: skip
+    for name, hs in hashes.items():
+        assert {toy.split_of(h) for h in hs} == {name}
+    assert len(set(hashes["test"])) == 64 and len(set(hashes["dev"])) == 64
+    assert not set(hashes["test"]) & set(hashes["train"])
+    assert not set(hashes["dev"]) & set(hashes["train"])
+    assert not set(hashes["test"]) & set(hashes["dev"])
+    # the same rows however many are asked for (a prefix), so the sets never move
+    assert [e["id"] for e in toy.split_task(20, toy.TEST_SEED, "test")] == [
+        e["id"] for e in test[:20]
+    ]
+    # the split really filters: test images are about 1/16 of what is drawn
+    drawn = toy.task(1600, toy.TEST_SEED)
+    share = sum(toy.split_of(toy.image_hash(e)) == "test" for e in drawn) / 1600
+    assert 0.04 < share < 0.085
+
+
+def test_restating_oracle_corrects_with_probability_q_and_otherwise_restates_o1():
+    wrong_o1 = "<think>\nI count the dots: 4.\n</think>\n\n\\boxed{4}"
+    rng = random.Random(0)
+    assert {toy.restating_o2(wrong_o1, "5", rng, 0.0) for _ in range(50)} == {
+        "<think>\nI count the dots: 4.\n</think>\n\n\\boxed{4}"
+    }
+    assert {score(toy.restating_o2(wrong_o1, "5", rng, 1.0), "5").acc_final for _ in range(50)} == {
+        1.0
+    }
+    draws = [toy.restating_o2(wrong_o1, "5", random.Random(k), 0.3) for k in range(2000)]
+    share = sum(score(d, "5").acc_final for d in draws) / 2000
+    assert abs(share - 0.3) < 0.04  # 3.9 sd of a binomial share at n = 2000
+    assert all(score(d, "5", kind="baseline").format == 1.0 and toy.SC not in d for d in draws)
+
+
+class _FixedEngine:
+    """An engine that answers every prompt with the same texts."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def generate(self, prompts, n, sampling, prefixes=None):
+        from rollout import Generation
+
+        assert (sampling.temperature, sampling.top_p, n) == (1.0, 1.0, len(self.texts))
+        assert all(p["prompt"].rstrip().endswith("assistant") for p in prompts)
+        return [[Generation([], [], t, "stop") for t in self.texts] for _ in prompts]
+
+
+def test_rare_coldstart_keeps_every_o1_with_an_answer_and_filters_no_o2(tmp_path, processor):
+    examples = synthetic_task(6, seed=9, suffix="", variant="hard")
+    wrong = "<think>\nI count the dots: 0.\n</think>\n\n\\boxed{0}"  # never right: answers >= 1
+    texts = [wrong, "<think>\nno box\n</think>", "<think>\nx\n</think>\n\n\\boxed{7}"]
+    out = str(tmp_path / "rows.jsonl")
+    counts = toy.rare_coldstart_rows(_FixedEngine(texts), processor, examples, samples=3, q=0.0,
+                                     seed=1, max_tokens=32, out=out)  # fmt: skip
+    sevens = sum(e["answer"] == "7" for e in examples)
+    assert counts == {"inputs": 6, "o1_samples": 18, "o1_with_answer": 12, "o1_correct": sevens,
+                      "o2_correct": sevens, "rows_wc": 0, "rows_cw": 0, "written": 12}  # fmt: skip
+    rows = [json.loads(line) for line in open(out)]
+    assert len(rows) == 12  # the wrong o2 (a restated wrong o1) are kept: no correctness filter
+    for row in rows:
+        o1, o2 = row["response"].split(toy.SC)
+        assert o1 in (texts[0], texts[2])
+        assert o2 == synthetic_answer(o1[-2])  # q = 0: a fresh part restating o1's answer
+        assert os.path.exists(tmp_path / row["images"][0])
+
+
+def test_regime_check_names_every_condition_missed():
+    ok = dict(base_acc_t1=0.35, base_format_t1=0.95, cold_format_t1=0.9, cold_wc_generated=0.02,
+              sft_only_minus_base=-0.02)  # fmt: skip
+    assert toy.regime_check(ok) == []
+    bad = dict(base_acc_t1=0.61, base_format_t1=0.949, cold_format_t1=0.899,
+               cold_wc_generated=0.0201, sft_only_minus_base=0.021)  # fmt: skip
+    misses = toy.regime_check(bad)
+    assert len(misses) == 5
+    assert [m.split()[0].lstrip("|") for m in misses] == [
+        "base_acc_t1", "base_format_t1", "cold_format_t1", "cold_wc_generated",
+        "sft_only_minus_base|"]  # fmt: skip
+
+
+def _t_cdf(x: float, df: int, steps: int = 20000) -> float:
+    """Student t CDF by Simpson's rule on the density (an independent reference)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    h = x / steps
+    f = [c * (1 + (k * h) ** 2 / df) ** (-(df + 1) / 2) for k in range(steps + 1)]
+    return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+
+def test_t_quantile_tables_match_the_t_distribution():
+    for df in range(1, 31):
+        assert abs(_t_cdf(toy.T975[df - 1], df) - 0.975) < 2e-4, df
+        assert abs(_t_cdf(toy.T80[df - 1], df) - 0.80) < 2e-4, df
+    assert toy.t_quantile(toy.T975, 200) == 1.960
+
+
+def test_paired_stats_by_hand():
+    st = toy.paired_stats([0.1, 0.2])  # mean 0.15, sd 0.0707, t(0.975, 1) = 12.706
+    assert st["n_seeds"] == 2 and st["seeds_a_gt_b"] == 2
+    assert math.isclose(st["mean_diff"], 0.15)
+    assert math.isclose(st["ci_low"], 0.15 - 12.706 * 0.05, rel_tol=1e-9)  # sd / sqrt(2) = 0.05
+    assert math.isclose(st["ci_high"], 0.15 + 12.706 * 0.05, rel_tol=1e-9)
+    assert math.isclose(st["detectable_diff"], (12.706 + 1.376) * 0.05, rel_tol=1e-9)
+    one = toy.paired_stats([-0.1])
+    assert one["seeds_a_gt_b"] == 0 and math.isnan(one["ci_low"])
+
+
+def test_claims_say_reproduced_only_when_the_interval_excludes_zero():
+    def fin(acc2s, acc1s=None):
+        return {s: {"acc2": a, "acc1": (acc1s or acc2s)[s]} for s, a in enumerate(acc2s)}
+
+    finals = {"octopus": fin([0.60, 0.62, 0.61, 0.63], [0.50, 0.52, 0.55, 0.50]),
+              "random-augment": fin([0.50, 0.51, 0.52, 0.50]),  # octopus +0.1, tight
+              "no-augment": fin([0.55, 0.48, 0.70, 0.52]),  # random - none spans 0
+              "gspo-n16": fin([0.70, 0.72, 0.71, 0.73])}  # fmt: skip
+    rows = {c["claim"]: c for c in toy.claims_table(finals)}
+    assert rows["paper selection > random splicing"]["verdict"] == "reproduced (A > B)"
+    assert rows["paper selection > random splicing"]["seeds_a_gt_b"] == 4
+    assert rows["random splicing > none"]["verdict"] == "not resolved (interval spans 0)"
+    assert rows["Octopus > GSPO n=16"]["verdict"] == "reversed (A < B)"
+    assert math.isclose(rows["acc@2 > acc@1 (Octopus)"]["mean_diff"], 0.0975)
+    assert rows["Stage I helps"]["verdict"] == "too few seeds"
+    assert [c["claim"] for c in toy.claims_table(finals)] == [c[0] for c in toy.CLAIMS]
+
+
+def test_lr_rule_is_the_same_for_every_arm():
+    assert toy.choose_lr({3e-5: 0.5, 1e-4: 0.7, 3e-4: 0.6}) == 1e-4
+    assert toy.choose_lr({3e-5: 0.7, 1e-4: 0.7, 3e-4: 0.6}) == 3e-5  # a tie: the smaller lr
+    job = {"curve": [{"val_acc_final": a} for a in (0.1, 0.9, 0.5, 0.6, 0.7)]}
+    assert math.isclose(toy.grid_score(job), 0.6)  # the last three validations
+    jobs = {toy.job_name("arm", 0, "octopus", lr): job for lr in (3e-5, 1e-4)}
+    grid = toy.lr_grid(jobs, ["octopus", "sft-only"], (3e-5, 1e-4, 3e-4))
+    assert grid == {"octopus": {"scores": {"3e-05": 0.6, "0.0001": 0.6}, "chosen": None}}
+    jobs[toy.job_name("arm", 0, "octopus", 3e-4)] = {"curve": [{"val_acc_final": 0.61}]}
+    assert toy.lr_grid(jobs, ["octopus"], (3e-5, 1e-4, 3e-4))["octopus"]["chosen"] == 3e-4
+
+
+def test_compute_counters_add_generated_and_trained_tokens_to_each_step():
+    from rollout import Generation
+
+    def generate(t, prompts, step):
+        return [[Generation([1] * (3 + k), [], "", "stop") for k in range(2)] for _ in prompts]
+
+    def make_group(t, n):
+        item = types.SimpleNamespace
+        return types.SimpleNamespace(items=[item(ids=[0] * 5, policy_mask=torch.tensor([0.0, 1, 1, 1, 1])),
+                                            item(ids=[0] * 2, policy_mask=torch.ones(2))])  # fmt: skip
+
+    def rl_step(t, step):
+        module.generate(t, ["p", "q", "r"], step)
+        for n in range(3):
+            module.make_group(t, n)
+        return {"step": step}
+
+    import torch
+
+    module = types.SimpleNamespace(generate=generate, make_group=make_group, rl_step=rl_step)
+    toy._count_compute(module)
+    for step in (0, 1):  # the counters restart each step
+        assert module.rl_step(None, step) == {
+            "step": step, "gen_rollouts": 6, "gen_tokens": 3 * (3 + 4), "trained_samples": 6,
+            "trained_tokens": 3 * 7, "trained_policy_tokens": 3 * 6}  # fmt: skip
+
+
+def test_stability_windows_are_the_first_and_last_ten_steps_of_each_stage():
+    rows = [dict(stage="1", format=1.0 if k < 10 else 0.5, sc_format=0.0, truncated=0.0)
+            for k in range(25)] + [dict(stage="2", format=0.8, sc_format=0.6,
+                                        truncated=float(k >= 5)) for k in range(12)]  # fmt: skip
+    st = toy._stability(rows)
+    assert (st["stage1_first10_format"], st["stage1_last10_format"]) == (1.0, 0.5)
+    assert (st["stage2_first10_truncated"], st["stage2_last10_truncated"]) == (0.5, 0.7)
+    assert st["stage2_last10_sc_format"] == 0.6
+
+
 # --------------------------------------------------------------------------- the CI smoke
 
 
 @pytest.mark.slow
-def test_smoke_runs_every_stage_and_writes_the_csv(tmp_path):
+def test_smoke_runs_every_stage_and_resumes_from_its_job_files(tmp_path):
+    """cold start (base, cold, exposure, calibration), start evaluations, Stage I + II with the
+    dev curve and the test set, aggregation; then a second call runs no job."""
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "toy_replication.py"), "--smoke",
-         "--arms", "octopus,gspo-n8,sft-only", "--seeds", "0", "--out", str(out),
-         "--work", str(work)], env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    argv = [sys.executable, os.path.join(ROOT, "bench", "toy_replication.py"), "--smoke",
+            "--arms", "octopus,sft-only", "--seeds", "0", "--out", str(out), "--work", str(work)]  # fmt: skip
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     logs = "".join(p.read_text()[-3000:] for p in (work / "logs").glob("*.log"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
-    with open(out / "toy_replication.csv") as f:
+    jobs = {p.stem: json.loads(p.read_text()) for p in (out / "jobs").glob("*.json")}
+    assert sorted(jobs) == ["arm-octopus-seed0-lr0.0001", "cold-seed0", "start-seed0"]
+    commit = jobs["cold-seed0"]["commit"]
+    assert len(commit) == 40 and {j["commit"] for j in jobs.values()} == {commit}
+    # the arm started from the very checkpoint the cold start made and the start job scored
+    cold_sha = jobs["cold-seed0"]["checkpoints"]["cold"]
+    assert jobs["arm-octopus-seed0-lr0.0001"]["start_checkpoint"] == cold_sha
+    assert jobs["start-seed0"]["start"]["cold"]["checkpoint"] == cold_sha
+    calib = json.loads((out / "calibration.json").read_text())["seeds"]["0"]
+    for key in ("base_acc_t1", "base_format_t1", "cold_format_t1", "cold_wc_generated"):
+        assert calib[key] * 16 == round(calib[key] * 16)  # 8 dev prompts x 2 samples
+    assert math.isclose(calib["sft_only_minus_base"],
+                        calib["cold_acc2_t1"] - calib["base_acc_t1"], abs_tol=1e-6)  # fmt: skip
+    with open(out / "runs.csv") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == toy.COLUMNS
+        assert reader.fieldnames == toy.RUN_COLUMNS
         rows = list(reader)
-    by_arm = {a: [(r["step"], r["stage"]) for r in rows if r["arm"] == a] for a in
-              ("octopus", "gspo-n8", "sft-only")}  # fmt: skip
-    assert by_arm == {"octopus": [("0", "start"), ("1", "1"), ("2", "2")],
-                      "gspo-n8": [("0", "start"), ("1", "2"), ("2", "2")],
-                      "sft-only": [("0", "start")]}  # fmt: skip
-    for r in rows:
-        assert 0.0 <= float(r["val_acc@2"]) <= 1.0
-        if r["step"] != "0":
-            assert float(r["s_per_step"]) > 0 and float(r["seconds"]) > 0
-    # GSPO trains its n = 8 rollouts; Octopus at least those (spliced ones need an o2, which a
-    # 2-step cold start rarely writes)
-    trained = {(r["arm"], float(r["samples_per_prompt"])) for r in rows if r["step"] != "0"}
-    assert {n for a, n in trained if a == "gspo-n8"} == {8.0}
-    assert all(8.0 <= n <= 16.0 for a, n in trained if a == "octopus")
-    calib = json.loads((out / "toy_calibration.json").read_text())
-    counts = calib["seeds"]["0"]["coldstart_counts"]
-    assert counts["written"] > 0 and counts["o2_correct"] == counts["written"]
-    assert "| octopus | cold |" in (out / "toy_replication.md").read_text()
+    assert [(r["arm"], r["step"], r["stage"], r["split"]) for r in rows] == [
+        ("octopus", "0", "start", "dev"), ("octopus", "0", "start", "test"),
+        ("octopus", "1", "1", "dev"), ("octopus", "2", "2", "dev"),
+        ("octopus", "2", "end", "test"),
+        ("sft-only", "0", "start", "dev"), ("sft-only", "0", "start", "test")]  # fmt: skip
+    assert {r["commit"] for r in rows} == {commit}
+    for r in rows:  # sampled shares of 4 dev prompts x 1 and 8 test images x 1
+        n = 4 if r["split"] == "dev" else 8
+        assert float(r["acc2"]) * n == round(float(r["acc2"]) * n)
+    assert rows[1]["acc2"] == rows[6]["acc2"]  # sft-only is the cold start's evaluation
+    compute = next(csv.DictReader(open(out / "compute.csv")))
+    # 2 steps x 8 prompts x 8 rollouts generated; 8 to 16 samples trained per prompt
+    assert int(compute["gen_rollouts"]) == 128 and 128 <= int(compute["trained_samples"]) <= 256
+    assert int(compute["trained_policy_tokens"]) <= int(compute["trained_tokens"])
+    grid = json.loads((out / "lr_grid.json").read_text())
+    assert grid["arms"]["octopus"]["chosen"] == 1e-4 and "sft-only" not in grid["arms"]
+    claims = list(csv.DictReader(open(out / "claims.csv")))
+    assert [c["claim"] for c in claims] == [c[0] for c in toy.CLAIMS]
+    # resumed: every job's file is there, so nothing runs again
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "[regime] start" not in again.stdout, again.stdout[-2000:]
+
+
+def _metrics(acc1, acc2):
+    return {"val_acc_o1": acc1, "val_acc_final": acc2, "val_wc": 0.0, "val_cw": 0.0,
+            "val_format": 1.0, "val_sc_format": 1.0, "val_corrects_itself": 1.0}  # fmt: skip
+
+
+def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
+    jobs = tmp_path / "jobs"
+    calib = dict(base_acc_t1=0.4, base_format_t1=0.97, cold_format_t1=0.93,
+                 cold_wc_generated=0.01, sft_only_minus_base=0.01)  # fmt: skip
+    for seed in (0, 1):
+        toy.write_json({"kind": "cold", "seed": seed, "commit": "c0", "calibration": calib,
+                        "accepted": True, "regime_misses": [], "base_steps": 300,
+                        "cold_steps": 120, "coldstart_counts": {}}, str(jobs / f"cold-seed{seed}.json"))  # fmt: skip
+        toy.write_json({"kind": "start", "seed": seed, "commit": "c1", "start": {
+            name: {"dev": _metrics(0.4, 0.4), "test": _metrics(0.4, 0.41 + seed / 100)}
+            for name in ("base", "cold", "exposed")}}, str(jobs / f"start-seed{seed}.json"))  # fmt: skip
+        for arm, acc in (("octopus", 0.6), ("random-augment", 0.5)):
+            steps = [{"global_step": k, "gen_tokens": 100} for k in (1, 2, 3, 4)]
+            toy.write_json({"kind": "arm", "arm": arm, "seed": seed, "lr": 1e-4, "commit": "c2",
+                            "curve": [dict(_metrics(0.3, 0.5), step=2, stage="1"),
+                                      dict(_metrics(0.3, acc), step=4, stage="2")],
+                            "test": _metrics(acc - 0.1, acc + seed / 10), "steps": steps,
+                            "compute": {"rl_steps": 4, "gen_tokens": 400}, "seconds": 9.0,
+                            "load_avg_start": 1.0, "load_avg_end": 2.0},
+                           str(jobs / (toy.job_name("arm", seed, arm, 1e-4) + ".json")))  # fmt: skip
+    scale = dict(toy.RARE_SCALES["quick"])  # no grid: every arm at 1e-4
+    md = toy.aggregate(str(tmp_path), ["octopus", "random-augment", "sft-only"], scale)
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    octo0 = [(r["step"], r["split"], r["acc2"], r["commit"]) for r in rows
+             if r["arm"] == "octopus" and r["seed"] == "0"]  # fmt: skip
+    assert octo0 == [("0", "dev", "0.4", "c1"), ("0", "test", "0.41", "c1"),
+                     ("2", "dev", "0.5", "c2"), ("4", "dev", "0.6", "c2"),
+                     ("4", "test", "0.6", "c2")]  # fmt: skip
+    claims = {c["claim"]: c for c in csv.DictReader(open(tmp_path / "claims.csv"))}
+    sel = claims["paper selection > random splicing"]
+    assert (float(sel["mean_diff"]), sel["seeds_a_gt_b"], sel["n_seeds"]) == (0.1, "2", "2")
+    rl = claims["RL > the cold start"]  # octopus 0.6 / 0.7 against the cold start 0.41 / 0.42
+    assert math.isclose(float(rl["mean_diff"]), 0.235, abs_tol=1e-4)
+    cal = json.loads((tmp_path / "calibration.json").read_text())
+    assert cal["seeds"]["1"]["accepted"] and cal["seeds"]["0"]["cold_steps"] == 120
+    cost = list(csv.DictReader(open(tmp_path / "accuracy_vs_generated_tokens.csv")))
+    assert [(r["arm"], r["gen_tokens"], r["dev_acc2"]) for r in cost if r["arm"] == "octopus"] == [
+        ("octopus", "200", "0.5"), ("octopus", "400", "0.6")]  # fmt: skip
+    assert "| 0 | 0.400 | 0.970 | 0.930 | 0.0100 | +0.010 | yes |" in md
+
+
+def test_compare_jobs_reports_checkpoints_and_test_accuracy_against_the_committed(tmp_path):
+    here, ref = str(tmp_path / "here"), str(tmp_path / "ref")
+    for folder, sha, acc in ((here, "aa", 0.70), (ref, "aa", 0.72)):
+        toy.write_json({"kind": "cold", "commit": "1" * 40, "checkpoints": {"cold": sha}},
+                       os.path.join(folder, "jobs", "cold-seed0.json"))  # fmt: skip
+        toy.write_json({"kind": "arm", "commit": "2" * 40, "final_checkpoint": sha + str(acc),
+                        "test": {"val_acc_o1": 0.5, "val_acc_final": acc}},
+                       os.path.join(folder, "jobs", "arm-octopus-seed0-lr0.0001.json"))  # fmt: skip
+    toy.write_json(
+        {"kind": "cold", "commit": "3" * 40, "checkpoints": {"cold": "bb"}},
+        os.path.join(ref, "jobs", "cold-seed1.json"),
+    )  # only in the reference
+    assert toy.compare_jobs(here, ref) == [
+        "arm-octopus-seed0-lr0.0001 (here 2222222222, committed 2222222222): test acc@1 +0.0000, "
+        "acc@2 -0.0200, final checkpoint differs",
+        "cold-seed0 (here 1111111111, committed 1111111111): checkpoints identical",
+    ]
+
+
+def test_systematic_base_labels_count_the_squares_on_images_with_two_or_more():
+    grey = DOTS_VARIANTS["hard"]["square_fill"]
+    seen = set()
+    for e in synthetic_task(40, seed=21, suffix="", variant="hard"):
+        squares = len(_blobs(e["messages"][0]["content"][0]["image"], grey))
+        assert toy.squares_of(e) == squares
+        want = int(e["answer"]) + squares if squares >= 2 else int(e["answer"])
+        assert toy.base_label(e, "systematic") == str(want)
+        assert toy.base_label(e, "truth") == e["answer"]
+        seen.add(squares >= 2)
+    assert seen == {True, False}
