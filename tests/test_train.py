@@ -420,17 +420,24 @@ def test_validate_counts_each_transition_where_it_happened(processor, one_rank):
     assert (sampling.temperature, sampling.top_p) == (cfg.val_temperature, cfg.val_top_p) != (1, 1)
 
 
-def test_step_metrics_of_the_worked_example(processor, one_rank):
+def worked_group(processor, cfg):
+    """The README's worked example as train.py builds it: the scripted trainer and the one group
+    `make_group` makes from its four rollouts."""
     from data import synthetic_task
     from rollout import render_prompt
 
-    cfg = preset("demo-1", n_rollouts=4, n_train=8, max_response_len=200)
     t = scripted_trainer(processor, cfg, WORKED)
     example = three(synthetic_task(1)[0])
     prompt = render_prompt(processor, example["messages"])
     (generations,) = t.engine.generate([prompt], 4, None)
     scores = train.score_rollouts(t, [example], [generations])[0]
-    group = train.make_group(t, example, prompt, generations, scores, random.Random(0))
+    return t, train.make_group(t, example, prompt, generations, scores, random.Random(0))
+
+
+def test_step_metrics_of_the_worked_example(processor, one_rank):
+    t, group = worked_group(
+        processor, preset("demo-1", n_rollouts=4, n_train=8, max_response_len=200)
+    )
     for item, gen in zip(group.items, group.generations, strict=False):
         item.old_logp = torch.tensor(gen.logprobs) + 0.25  # the trainer 0.25 above the engine
     clock = fsdp.Clock()
@@ -454,16 +461,8 @@ def test_step_metrics_of_the_worked_example(processor, one_rank):
 
 @pytest.mark.parametrize("kl_tokens", ["o1", "response"])
 def test_kl_tokens_response_puts_the_kl_on_every_token_of_stage2(processor, one_rank, kl_tokens):
-    from data import synthetic_task
-    from rollout import render_prompt
-
     cfg = preset("demo-2", n_rollouts=4, n_train=8, max_response_len=200, kl_tokens=kl_tokens)
-    t = scripted_trainer(processor, cfg, WORKED)
-    example = three(synthetic_task(1)[0])
-    prompt = render_prompt(processor, example["messages"])
-    (generations,) = t.engine.generate([prompt], 4, None)
-    scores = train.score_rollouts(t, [example], [generations])[0]
-    group = train.make_group(t, example, prompt, generations, scores, random.Random(0))
+    _, group = worked_group(processor, cfg)
     kl = [it.kl_mask.tolist() for it in group.items]
     if kl_tokens == "o1":  # Stage II has no KL (Sec. 4.3)
         assert all(sum(m) == 0 for m in kl)
