@@ -118,11 +118,24 @@ def timed_update(t, groups) -> float:
     return time.perf_counter() - start
 
 
+def names_of(known: tuple[str, ...]):
+    """An argparse type: a comma-separated list of `known` names (a typo fails at parse time,
+    before any model is built)."""
+
+    def parse(text: str) -> str:
+        unknown = [n for n in text.split(",") if n not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; known: {','.join(known)}")
+        return text
+
+    return parse
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=2, help="timed updates per variant (median)")
-    ap.add_argument("--models", default="tiny,30M")
-    ap.add_argument("--shapes", default="demo,long-prompt")
+    ap.add_argument("--models", default="tiny,30M", type=names_of(("tiny", "30M")))
+    ap.add_argument("--shapes", default="demo,long-prompt", type=names_of(tuple(SHAPES)))
     args = ap.parse_args()
     from tiny import build_tiny
 
