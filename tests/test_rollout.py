@@ -146,42 +146,41 @@ def test_checkpoint_name():
     assert checkpoint_name("_orig_mod.lm_head.weight") == "lm_head.weight"
 
 
-def run_engines(mode: str, tiny_path: str, out_dir, nproc: int = 0) -> None:
-    """tests/torchrun_engines.py in a process of its own (under torchrun when `nproc`)."""
+@pytest.fixture(scope="module")
+def engines(tiny_path, tmp_path_factory):
+    """tests/torchrun_engines.py on 2 ranks, in processes of their own: (stderr, folder)."""
+    out = tmp_path_factory.mktemp("engines")
     script = os.path.join(ROOT, "tests", "torchrun_engines.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=ROOT)
-    launch = (
-        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        if nproc
-        else []
-    )
-    cmd = [sys.executable, *launch, script, mode, tiny_path, str(out_dir)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           script, tiny_path, str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return proc.stderr, out
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_each_with_its_own_engine(tiny_path, tmp_path):
-    run_engines("ranks", tiny_path, tmp_path, nproc=2)
-    results = [open(tmp_path / f"rank{r}.txt").read().split("\n") for r in (0, 1)]
+def test_torchrun_two_ranks_each_with_its_own_engine(engines):
+    _, out = engines
+    results = [open(out / f"rank{r}.txt").read().split("\n") for r in (0, 1)]
     for r, lines in enumerate(results):
         assert (
             lines[0] == f"rank {r} of 2"
             and lines[1] == "groups 2x3"
             and lines[2] == "allreduce 3.0"
         )
-    assert results[0][3] != results[1][3]  # each rank sampled for its own prompts
+    # each rank sampled for its own prompts (rank 0 with the real weights, synced)
+    assert results[0][3] != results[1][3]
 
 
 @pytest.mark.slow
 def test_dummy_engine_synced_equals_loaded_one_and_takes_two_images(
-    engine, prompts, processor, hf_model, tiny_path, tmp_path
+    engine, prompts, processor, hf_model, engines
 ):
     """load_format="dummy" + sync of the checkpoint = the loaded engine, token for token; the
     same engine clamps max_model_len, serves two images per prompt and caps image size."""
-    proc = run_engines("dummy", tiny_path, tmp_path)
-    got = json.load(open(tmp_path / "dummy.json"))
+    stderr, out = engines
+    got = json.load(open(out / "dummy.json"))
     greedy = Sampling(temperature=0.0, max_tokens=16)
     loaded = engine.generate(prompts[:2], 1, greedy)
     assert got["random"] != [g[0].ids for g in loaded]  # random weights before the sync
@@ -189,7 +188,7 @@ def test_dummy_engine_synced_equals_loaded_one_and_takes_two_images(
     for (_, lps), g in zip(got["synced"], loaded, strict=True):
         assert max(abs(a - b) for a, b in zip(lps, g[0].logprobs, strict=True)) < 1e-5
     # max_model_len 100000 is more than the tiny model allows (4096): clamped, with one line
-    assert got["max_model_len"] == 4096 and "max_model_len 100000 > 4096" in proc.stderr
+    assert got["max_model_len"] == 4096 and "max_model_len 100000 > 4096" in stderr
     # pixel limits [2048, 9216] narrow the processor's own [4096, 16384]
     assert got["image_size"] == {"shortest_edge": 4096, "longest_edge": 9216}
     assert got["big_image_tokens"] == 9  # 512x512 -> 96x96; the processor's own range gives 16

@@ -1,12 +1,13 @@
-"""Engines that need a process of their own, run by test_rollout.py (vLLM's in-process engines
+"""Engines that need processes of their own, run by test_rollout.py (vLLM's in-process engines
 share global state: a second engine in the test process cannot be closed without breaking the
-first).
+first). One launch serves two tests:
 
-    torchrun --nproc_per_node=2 tests/torchrun_engines.py ranks TINY OUT
-        each rank starts its own engine for its own prompts
-    python tests/torchrun_engines.py dummy TINY OUT
-        an engine started with random weights (load_format="dummy"), a too-long context, two
-        images per prompt and narrowed pixel limits; then synced with the real weights
+    torchrun --nproc_per_node=2 tests/torchrun_engines.py TINY OUT
+
+Each rank starts its own engine and samples for its own prompts beside the trainer's process
+group. Rank 0's engine (rank 0 says what it clamps) is the odd one: started with random weights
+(load_format="dummy"), a too-long context, two images per prompt and narrowed pixel limits, then
+synced with the real weights before it samples its prompts.
 """
 
 import json
@@ -17,26 +18,6 @@ from transformers import AutoProcessor
 
 from data import dots_image, synthetic_task
 from rollout import Sampling, VLLMEngine, render_prompt
-
-
-def ranks(tiny_path: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    processor = AutoProcessor.from_pretrained(tiny_path)
-    prompts = [render_prompt(processor, e["messages"]) for e in synthetic_task(2, seed=100 + rank)]
-    engine = VLLMEngine(tiny_path, max_model_len=512, kv_cache_gb=0.1, seed=rank)
-    groups = engine.generate(prompts, 3, Sampling(max_tokens=8))
-    total = torch.tensor([float(rank + 1)])
-    dist.all_reduce(total)  # the trainer's process group still works beside the engines
-    with open(f"{out_dir}/rank{rank}.txt", "w") as f:
-        f.write(f"rank {rank} of {world}\ngroups {len(groups)}x{len(groups[0])}\n"
-                f"allreduce {total.item()}\n")  # fmt: skip
-        f.write(repr([[g.ids for g in grp] for grp in groups]))
-    engine.close()  # closes the shared default group too
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def two_image_prompt(processor) -> dict:
@@ -50,10 +31,10 @@ def two_image_prompt(processor) -> dict:
     return render_prompt(processor, [{"role": "user", "content": content}])
 
 
-def dummy(tiny_path: str, out_dir: str) -> None:
+def dummy(tiny_path: str, processor, out_dir: str) -> VLLMEngine:
+    """Rank 0's engine: random weights, checked against the loaded engine once synced."""
     from safetensors.torch import load_file
 
-    processor = AutoProcessor.from_pretrained(tiny_path)
     prompts = [render_prompt(processor, e["messages"]) for e in synthetic_task(4)]
     engine = VLLMEngine(tiny_path, max_model_len=100_000, kv_cache_gb=0.1, seed=0, max_images=2,
                         min_pixels=2048, max_pixels=9 * 32 * 32, load_format="dummy")  # fmt: skip
@@ -79,8 +60,31 @@ def dummy(tiny_path: str, out_dir: str) -> None:
     result["big_image_tokens"] = out.prompt_token_ids.count(pad)
     with open(f"{out_dir}/dummy.json", "w") as f:
         json.dump(result, f)
-    engine.close()
+    return engine
+
+
+def main(tiny_path: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    processor = AutoProcessor.from_pretrained(tiny_path)
+    if rank == 0:
+        engine = dummy(tiny_path, processor, out_dir)
+    else:
+        engine = VLLMEngine(tiny_path, max_model_len=512, kv_cache_gb=0.1, seed=rank)
+    prompts = [render_prompt(processor, e["messages"]) for e in synthetic_task(2, seed=100 + rank)]
+    groups = engine.generate(prompts, 3, Sampling(max_tokens=8))
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)  # the trainer's process group still works beside the engines
+    with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+        f.write(f"rank {rank} of {world}\ngroups {len(groups)}x{len(groups[0])}\n"
+                f"allreduce {total.item()}\n")  # fmt: skip
+        f.write(repr([[g.ids for g in grp] for grp in groups]))
+    engine.close()  # closes the shared default group too
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    {"ranks": ranks, "dummy": dummy}[sys.argv[1]](sys.argv[2], sys.argv[3])
+    main(sys.argv[1], sys.argv[2])
