@@ -15,7 +15,7 @@ small = dict(
     n_rollouts=2, n_train=4, max_prompt_len=300, max_response_len=16, kv_cache_gb=0.05,
     warmup_steps=0, save_every=0, dump_every=0, gradient_checkpointing=True, out_dir=out_dir,
 )  # fmt: skip
-stages = [preset("demo-1", **small, max_steps=2), preset("demo-2", **small, max_steps=1)]
+stages = [preset("demo-1", **small, max_steps=1), preset("demo-2", **small, max_steps=1)]
 stages = [c.replace(out_dir=f"{out_dir}/stage-{c.stage}") for c in stages]
 engine = train.run_sequence(stages)
 engine.close()  # last: under torchrun its teardown takes the default process group along
