@@ -146,8 +146,8 @@ def test_a_step_goes_on_without_a_prompt_whose_image_breaks(tiny_path, tmp_path)
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-           str(29900 + os.getpid() % 90), os.path.join(ROOT, "train.py"), "--preset", "demo-1",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), "--preset", "demo-1",
            "--model", tiny_path, "--train_data", str(data / "train.jsonl"), "--val_data", "",
            "--out_dir", str(out), "--max_steps", "1", "--prompts_per_step", "8",
            "--mini_batch_prompts", "4", "--dump_every", "0", "--save_every", "0",

@@ -388,7 +388,7 @@ def test_smoke_runs_every_stage_and_resumes_from_its_job_files(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     argv = [sys.executable, os.path.join(ROOT, "bench", "toy_replication.py"), "--smoke",
-            "--arms", "octopus,sft-only", "--seeds", "0", "--out", str(out), "--work", str(work)]  # fmt: skip
+            "--arms", "octopus,sft-only", "--seeds", "0", "--parallel", "2", "--out", str(out), "--work", str(work)]  # fmt: skip
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     logs = "".join(p.read_text()[-3000:] for p in (work / "logs").glob("*.log"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
