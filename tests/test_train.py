@@ -98,13 +98,12 @@ def checks(tiny_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resumed(tiny_path, tmp_path_factory):
-    """A 3-step Stage II run with a checkpoint every step (`full`); its step-2 checkpoint copied
-    to `cut` and resumed there to step 3; its step-3 checkpoint copied to `exported` and turned
-    into an HF folder by --export_only."""
+def resumed(checks, tiny_path, tmp_path_factory):
+    """A 3-step Stage II run with a checkpoint every step (`full`, run by the 2-rank checks
+    launch); its step-2 checkpoint copied to `cut` and resumed there to step 3; its step-3
+    checkpoint copied to `exported` and turned into an HF folder by --export_only."""
     root = tmp_path_factory.mktemp("resume")
-    full, cut, exported = root / "full", root / "cut", root / "exported"
-    torchrun(2, "run", str(full), tiny_path, "3")
+    full, cut, exported = checks / "full", root / "cut", root / "exported"
     shutil.copytree(full / "checkpoints" / "step_000002", cut / "checkpoints" / "step_000002")
     shutil.copytree(full / "checkpoints" / "step_000003", exported / "checkpoints" / "step_000003")
     (cut / "metrics.jsonl").write_text("".join(

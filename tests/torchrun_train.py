@@ -1,11 +1,12 @@
 """Run under torchrun by test_train.py: `MODE OUT_DIR TINY_PATH [args]`.
 
     stages OUT TINY DATA            cold start -> Stage I -> Stage II (on DATA), 2 ranks
-    run OUT TINY STEPS              one Stage II run that saves a checkpoint every step
     resume OUT TINY EXPORT_FROM     resume OUT to step 3, then `--export_only` of EXPORT_FROM
     checks OUT TINY                 fixed-group gradients and the checks built on them
                                     (world 1: the Stage I normalizers, gradient checkpointing;
-                                    world 2: rank-0 loading, a checkpoint round trip)
+                                    world 2: rank-0 loading, a checkpoint round trip,
+                                    then OUT/full: a 3-step Stage II run that saves a
+                                    checkpoint every step)
 
 The RL modes grade with `varying_reward`: on the random tiny model every rollout would get the
 same reward, every advantage would be 0 and no weight would move, so resuming, syncing the
@@ -230,7 +231,7 @@ def checkpoint_round_trip(processor, device) -> dict:
 # 0, 1, 2 are 1/3, 2/3, 1: a resume that lost the scheduler's state would run step 3 at 1/3.
 SCHEDULE = dict(lr_schedule="cosine", warmup_steps=2)
 
-if mode in ("stages", "run", "resume"):
+if mode in ("stages", "resume"):
     train.score_batch = varying_reward(train.score_batch)
 if mode == "stages":  # every stage runs a few steps, Stage II on a file with bad rows
     stages = [
@@ -244,10 +245,6 @@ if mode == "stages":  # every stage runs a few steps, Stage II on a file with ba
     ]  # fmt: skip
     stages = [c.replace(out_dir=f"{out_dir}/stage-{c.stage}") for c in stages]
     engine = train.run_sequence(stages)
-    engine.close()
-elif mode == "run":  # one Stage II run, a checkpoint after every step
-    cfg = small("demo-2", max_steps=int(sys.argv[4]), save_every=1, **SCHEDULE)
-    _, engine = train.run_stage(cfg)
     engine.close()
 elif mode == "resume":  # the newest checkpoint of OUT to step 3; then --export_only of another
     cfg = small("demo-2", max_steps=3, resume=True, **SCHEDULE)
@@ -279,7 +276,13 @@ elif mode == "checks":
         with open(f"{out_dir}/round_trip_rank{rank}.json", "w") as f:
             json.dump(report, f)
     dist.barrier()  # every rank's files are written before any rank tears down
-    dist.destroy_process_group()
+    if world > 1:  # the run the resume tests cut (a launch of its own would cost a start-up)
+        train.score_batch = varying_reward(train.score_batch)
+        cfg = small("demo-2", max_steps=3, save_every=1, out_dir=f"{out_dir}/full", **SCHEDULE)
+        _, engine = train.run_stage(cfg)
+        engine.close()  # takes the default process group along
+    if dist.is_initialized():
+        dist.destroy_process_group()
     # once in CI, with every file written, rank 1 aborted in interpreter teardown ("terminate
     # called without an active exception": a C++ thread still joinable at exit); the checks'
     # results are on disk, so leave without the teardown
