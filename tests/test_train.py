@@ -181,6 +181,10 @@ def test_gradient_is_the_same_on_one_and_two_ranks(checks):
         worst = max((ga[k] - gb[k]).abs().max().item() for k in ga)
         scale = max(ga[k].abs().max().item() for k in ga)
         assert scale > 1e-4 and worst < 1e-6 * max(scale, 1.0), (a, b, worst, scale)
+    # the KL of Stage I is in these gradients: its k3 terms sit below the clamp, where they
+    # have a gradient (demo-1's kl_coef is 0.01)
+    kl = json.load(open(checks / "kl_terms.json"))
+    assert kl["n"] >= 4 and kl["below_clamp"] == kl["n"], kl
     # shared and per-sample prompts give the same gradient (seq aggregation, two budgets)
     shared = torch.load(checks / "grads_world1_600_seq_shared.pt")
     per_sample = torch.load(checks / "grads_world1_400_seq_per_sample.pt")

@@ -78,10 +78,18 @@ def fixed_group_gradients(processor, device, specs: str) -> None:
         budget, agg, shared = spec.split(":")
         cfg = small(update_token_budget=int(budget), agg=agg, shared_prompt=shared == "shared")
         t = trainer_for(cfg, processor, device)
-        train.accumulate_gradients(t, fixed_groups(processor)[rank::world])
+        groups = fixed_groups(processor)[rank::world]
+        train.accumulate_gradients(t, groups)
         grads = gradients(t.model)
         if rank == 0:
             torch.save(grads, f"{out_dir}/grads_world{world}_{spec.replace(':', '_')}.pt")
+    if world == 1:  # the KL's terms these gradients hold: k3 below its clamp of 10
+        k3 = []
+        for group, lps in zip(groups, train.logprobs(t, groups), strict=True):
+            for it, lp in zip(group.items, lps, strict=True):
+                d = it.ref_logp - lp
+                k3 += (torch.exp(d) - d - 1.0)[it.kl_mask > 0].tolist()
+        save_json("kl_terms.json", {"n": len(k3), "below_clamp": sum(x < 10.0 for x in k3)})
 
 
 def stage1_normalizers(processor, device) -> dict:

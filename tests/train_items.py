@@ -1,5 +1,7 @@
 """Fixed training groups for the gradient checks run under torchrun (test_train, test_gpu)."""
 
+import math
+
 import torch
 
 import train
@@ -9,9 +11,12 @@ from rollout import render_prompt
 
 
 def fixed_groups(processor, n_groups=6, seed=5):
-    """Groups of random responses with Stage I-style masks and random old / reference log-probs."""
+    """Groups of random responses with Stage I-style masks and random old / reference log-probs.
+    The reference log-probs sit near a random model's, -log(vocabulary) (+- 0.5): far from the
+    policy, the k3 KL clamps at 10, where it has no gradient and a KL bug would go unseen."""
     g = torch.Generator().manual_seed(0)
     plain = min(processor.tokenizer.all_special_ids)
+    near = -math.log(len(processor.tokenizer))
     groups = []
     for k, ex in enumerate(synthetic_task(n_groups, seed=seed)):
         prompt = encode_prompt(processor, render_prompt(processor, ex["messages"]))
@@ -23,6 +28,6 @@ def fixed_groups(processor, n_groups=6, seed=5):
                 torch.randint(0, plain, (n,), generator=g).tolist(), float(torch.randn(1, generator=g)),
                 torch.tensor([0.0] * cut + [1.0] * (n - cut)),
                 torch.tensor([1.0] * (cut // 2) + [0.0] * (n - cut // 2)),
-                -torch.rand(n, generator=g) * 5, -torch.rand(n, generator=g) * 5))  # fmt: skip
+                -torch.rand(n, generator=g) * 5, near + 0.5 * torch.randn(n, generator=g)))  # fmt: skip
         groups.append(train.Group(ex, prompt, [], [], [], items))
     return groups
