@@ -753,8 +753,8 @@ RARE_SCALES = {
                  calib_n=8, base_rows=8192, base_max_steps=1500, base_val_every=20,
                  base_stop=0.45, base_stop_format=0.97, format_stop=0.97, stop_prompts=128,
                  cold_inputs=2048,
-                 cold_samples=4, q=0.03, rl_pool=4096, cold_epochs=1.0, cold_val_every=16,
-                 cold_stop=0.94, format_rows=8192, format_max_steps=400,
+                 cold_samples=4, q=0.02, rl_pool=4096, cold_epochs=2.0, cold_val_every=16,
+                 cold_stop=0.94, cold_lr=3e-4, format_rows=8192, format_max_steps=400,
                  base_labels="systematic", lr_grid=RARE_LR_GRID,
                  enforce=True),
     # one seed, a few arms, 30 steps, smaller dev and test sets, no learning-rate grid
