@@ -750,11 +750,11 @@ RARE_SCALES = {
     # the experiment: >= 150 RL steps per arm, dev curves on 256 prompts every 10 steps, the
     # test set of 1024 images x 4 samples at T 0.6 at each start and at the end of each run
     "full": dict(steps=150, val_every=10, dev=512, dev_curve=256, test=1024, test_n=4,
-                 calib_n=8, base_rows=8192, base_max_steps=300, base_val_every=20,
-                 base_stop=0.0, base_stop_format=0.0, format_stop=0.97, stop_prompts=128,
+                 calib_n=8, base_rows=8192, base_max_steps=1500, base_val_every=20,
+                 base_stop=0.45, base_stop_format=0.97, format_stop=0.97, stop_prompts=128,
                  cold_inputs=2048,
-                 cold_samples=4, q=0.03, rl_pool=4096, cold_epochs=1.0, cold_val_every=16,
-                 cold_stop=0.94, format_rows=8192, format_max_steps=400,
+                 cold_samples=4, q=0.02, rl_pool=4096, cold_epochs=2.0, cold_val_every=16,
+                 cold_stop=0.98, format_rows=8192, format_max_steps=400,
                  base_labels="systematic", lr_grid=RARE_LR_GRID,
                  enforce=True),
     # one seed, a few arms, 30 steps, smaller dev and test sets, no learning-rate grid
@@ -762,7 +762,7 @@ RARE_SCALES = {
                   calib_n=4, base_rows=8192, base_max_steps=1000, base_val_every=20,
                   base_stop=0.45, base_stop_format=0.97, stop_prompts=128, cold_inputs=1024,
                   cold_samples=4, q=0.05, rl_pool=2048, cold_epochs=1.0, cold_val_every=16,
-                  cold_stop=0.94, cold_lr=3e-4, format_rows=8192, format_max_steps=400,
+                  cold_stop=0.98, format_rows=8192, format_max_steps=400,
                   lr_grid=(),
                   enforce=False),
     # every stage for 2 steps on a handful of prompts (CI); a grid of one learning rate
