@@ -714,24 +714,21 @@ def run_jobs(jobs: list[dict], parallel: int, log_dir: str) -> dict[str, float]:
 #     absorb, as an 8B student's are (paper: w->c < 1% after the cold start);
 #   - no filter on o2's correctness (a filter keeps mostly right o1: rejection sampling, a skill
 #     gain); only o1 with an answer are used, since the format needs one;
-#   - a smaller SFT step (`cold_lr` 3e-4, the demo's SFT takes 1e-3) over more rows: fitting
-#     the policy's own samples has zero expected gradient, but its noise is a random walk whose
-#     cost in skill grows with the step (design 2, lr 1e-3, seed 0: SFT only 0.137 below the
-#     base at T 1.0, and plain SFT on the same rows' answers -0.13). Cutting o1 out of the
-#     gradient instead (design 3) let the model stop holding o1 together: acc@1 fell to 0.05.
-# The base policy is trained further than the dense one's (sampled accuracy 0.35-0.6 and a
-# well-formed answer >= 0.95 at temperature 1.0, as a real instruct model's format is).
+#   - the base policy is a confident one with a systematic error (`base_label`: dots and
+#     squares counted together on images with two or more squares), trained to its plateau
+#     (sampled accuracy 0.35-0.6 and a well-formed answer >= 0.95 at temperature 1.0, as a real
+#     instruct model's): fitting a policy's own samples has zero expected gradient, but its noise
+#     is a random walk, and a base stopped mid-rise (designs 1-5, truth labels) lost 0.07-0.14 of
+#     accuracy to it; a base at its plateau does not.
+#   - the cold start trains until o1 + SC + o2 is well-formed in 98% of samples at T 1.0: a
+#     malformed self-correction scores 0, and SFT only's gap to the base tracked the malformed
+#     share (designs 7 and 8). Cutting o1 out of the gradient instead (design 3) let the model
+#     stop holding o1 together: acc@1 fell to 0.05.
 # Each regime condition is *measured* per seed on the dev set (`calibration.json`), never set.
 #
-# Status (seed 0, bench/results/regime/attempts/): no design is in the regime yet. SFT only -
-# base at T 1.0: -0.074 (design 1, switched instruction), -0.137 (design 2, lr 1e-3), -0.066
-# (design 4, lr 3e-4); cutting o1 (design 3) or o1's count (design 5) out of the gradient broke
-# o1. Those bases were stopped mid-rise (0.25 -> 0.52 between two validations), where any SFT on
-# their own answers swings accuracy by ~0.1 (the exposure SFT, deterministic, same rows: 0.357
-# after 208 steps, 0.453 after 253). Design 6, this code: a confident base with a systematic
-# error (`base_label`), trained a fixed 300 steps: SFT only +0.023, exposure +0.009, cold format
-# 0.948, w->c 0.9%, base format 0.994, but base accuracy 0.226 < 0.35: the rule was not learned
-# to its plateau (~0.5) in 300 steps. Next: the same base trained to its plateau.
+# Status: design 9 (this code) is inside the regime on seed 0 (base 0.479 / format 1.000, cold
+# format 0.961, w->c 1.1%, SFT only - base -0.018); the designs before it are under
+# bench/results/regime/attempts/ and in bench/README.md.
 
 RARE_LR_GRID = (3e-5, 1e-4, 3e-4)
 # Every arm and the cold start read the plain instruction (octopus.BASELINE_SUFFIX). The tiny
