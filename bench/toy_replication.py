@@ -38,6 +38,8 @@ Arms (`ARMS`): each trains for the same number of RL steps with the same shared 
     no-splice-n16     (rare) the Octopus recipe with n = 16 generated and the 16 originals trained
     gspo-n16-exposed  (rare) GSPO n = 16 from the base policy given as many more plain-answer SFT
                       steps as the cold start took, on its rows' final answers (its exposure)
+    octopus-agg-token (rare, diagnostic, run when named) Octopus with Stage II's loss a mean over
+                      all tokens (`--agg token`), at the lr Octopus's grid chose
     sft-only          the cold start, evaluated (no RL)
 
 Rare regime: the learning rate of every arm is chosen by one rule from one grid (3e-5, 1e-4,
@@ -120,7 +122,15 @@ ARMS: dict[str, tuple[str, list[tuple[str, float, dict]]]] = {
                                ("octopus-8b-stage2", 0.5, dict(augment="none", n_rollouts=16,
                                                                n_train=16))]),
     "gspo-n16-exposed": ("exposed", [("gspo-n16", 1.0, {})]),
+    # a diagnostic of Stage II's drift (issue: does the loss aggregation cause it?): Octopus
+    # with Stage II's loss averaged over all tokens of the batch instead of per sequence
+    "octopus-agg-token": ("cold", [("octopus-8b-stage1", 0.5, {}),
+                                   ("octopus-8b-stage2", 0.5, dict(agg="token"))]),
 }  # fmt: skip
+# Diagnostic arms run at the learning rate another arm's grid chose (they vary one knob of that
+# arm, at its settings) and are run only when named (`--arms`).
+DIAGNOSTIC_ARMS = {"octopus-agg-token": "octopus"}
+RARE_ARMS = tuple(a for a in ARMS if a not in DIAGNOSTIC_ARMS)
 DENSE_ARMS = (
     "octopus",
     "gspo-n8",
@@ -1385,6 +1395,7 @@ CLAIMS = [
     ("acc@2 > acc@1 (Octopus)", "octopus", "octopus", "acc2", "acc1", "> 0"),
     ("GSPO n=16 > GSPO n=8", "gspo-n16", "gspo-n8", "acc2", "acc2", "+3.3"),
     ("paper selection vs released quotas", "octopus", "released-augment", "acc2", "acc2", "-"),
+    ("Stage II: token mean vs sequence mean", "octopus-agg-token", "octopus", "acc2", "acc2", "-"),
 ]
 CLAIM_COLUMNS = ["claim", "a", "b", "metric", "paper", "mean_diff", "ci_low", "ci_high",
                  "seeds_a_gt_b", "n_seeds", "sd_diff", "detectable_diff", "verdict"]  # fmt: skip
@@ -1431,6 +1442,7 @@ def lr_for(arm: str, jobs: dict, scale: dict, lr: float = 0.0, lr_from: str = ""
     while the grid still has to run (1e-4 at a scale without a grid)."""
     if lr:
         return lr
+    arm = DIAGNOSTIC_ARMS.get(arm, arm)
     chosen = lr_grid(jobs, [arm], tuple(scale["lr_grid"])).get(arm, {}).get("chosen")
     if chosen is not None:
         return chosen
@@ -1512,7 +1524,10 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
     `lr_args`), calibration.json, lr_grid.json, claims.csv, compute.csv, the accuracy against
     generated tokens, and report.md (returned)."""
     jobs = load_jobs(out)
-    grid = lr_grid(jobs, arms, tuple(scale["lr_grid"]))
+    # every arm with a job under `out`, named or not: two drivers may share one folder
+    present = {j["arm"] for j in jobs.values() if j["kind"] == "arm"}
+    arms = [a for a in ARMS if a in arms or a in present]
+    grid = lr_grid(jobs, [a for a in arms if a not in DIAGNOSTIC_ARMS], tuple(scale["lr_grid"]))
     write_json({"rule": "per arm, the lr of the grid with the highest dev score (mean dev "
                         "acc@2 at T 0.6 over the last 3 validations), ties to the smaller lr; "
                         f"seed {GRID_SEED}, dev set", "grid": list(scale["lr_grid"]),
@@ -1651,7 +1666,7 @@ def rare_jobs(args, scale: dict, out: str, work: str, arms: list[str], seeds: li
     rl_arms = [a for a in arms if ARMS[a][1]]
     if not args.lr and scale["lr_grid"]:
         arm_runs += [(a, GRID_SEED, lr) for a in rl_arms for lr in scale["lr_grid"]
-                     if lr_of(a) is None]  # fmt: skip
+                     if lr_of(a) is None and a not in DIAGNOSTIC_ARMS]  # fmt: skip
     for seed in seeds:
         arm_runs += [(a, seed, lr_of(a)) for a in rl_arms if lr_of(a) is not None]
     arm_runs = list(dict.fromkeys(arm_runs))
@@ -1766,7 +1781,14 @@ def rare_main(args) -> None:
         if args.job == "start":
             return rare_start_job(work, args.seed, scale, job_file, provenance)
         return rare_arm_job(work, args.arm, args.seed, args.lr, scale, job_file, provenance)
-    arms = [a for a in (args.arms or ",".join(QUICK_ARMS if args.quick else ARMS)).split(",") if a]
+    arms = [a for a in (args.arms or ",".join(QUICK_ARMS if args.quick else RARE_ARMS)).split(",")
+            if a]  # fmt: skip
+    waiting = [a for a in arms if a in DIAGNOSTIC_ARMS and not args.lr and not args.lr_from
+               and DIAGNOSTIC_ARMS[a] not in arms]  # fmt: skip
+    if waiting and scale["lr_grid"]:
+        print(f"[regime] {', '.join(waiting)} run at the lr the grid chose for "
+              f"{', '.join(DIAGNOSTIC_ARMS[a] for a in waiting)}: found in --out's jobs, "
+              "--lr_from, or --lr")  # fmt: skip
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")

@@ -2,6 +2,7 @@
 configs, the disjoint splits, the statistics of the claims, the lr rule, the tables; and one
 smoke run of every stage of the rare regime (2 steps) that CI runs."""
 
+import argparse
 import csv
 import json
 import math
@@ -339,6 +340,25 @@ def test_lr_rule_is_the_same_for_every_arm():
     assert grid == {"octopus": {"scores": {"3e-05": 0.6, "0.0001": 0.6}, "chosen": None}}
     jobs[toy.job_name("arm", 0, "octopus", 3e-4)] = {"curve": [{"val_acc_final": 0.61}]}
     assert toy.lr_grid(jobs, ["octopus"], (3e-5, 1e-4, 3e-4))["octopus"]["chosen"] == 3e-4
+
+
+def test_the_aggregation_diagnostic_is_octopus_with_a_token_mean_in_stage_2_at_its_lr():
+    scale = dict(toy.RARE_SCALES["full"])
+    token = toy.rare_arm_configs("octopus-agg-token", 3, scale, "/w", 1e-4)
+    octopus = toy.rare_arm_configs("octopus", 3, scale, "/w", 1e-4)
+    assert [_diff(c, o) for c, o in zip(token, octopus, strict=True)] == [set(), {"agg"}]
+    assert (token[1].agg, octopus[1].agg) == ("token", "seq")
+    # no grid of its own: it waits for Octopus's, then runs at the lr Octopus's grid chose
+    assert "octopus-agg-token" not in toy.RARE_ARMS
+    job = {"curve": [{"val_acc_final": 0.5}]}
+    jobs = {toy.job_name("arm", 0, "octopus", lr): job for lr in (3e-5, 1e-4)}
+    assert toy.lr_for("octopus-agg-token", jobs, scale) is None
+    jobs[toy.job_name("arm", 0, "octopus", 3e-4)] = {"curve": [{"val_acc_final": 0.7}]}
+    assert toy.lr_for("octopus-agg-token", jobs, scale) == 3e-4
+    args = argparse.Namespace(lr=0.0, lr_from="", reuse_base=False, scale_name="full")
+    todo = toy.rare_jobs(args, scale, "/nonexistent", "/w", ["octopus-agg-token"], [0],
+                         {"commit": "c", "dirty": False})  # fmt: skip
+    assert not [j for j in todo if j["name"].startswith("arm-")]  # the grid is Octopus's
 
 
 def test_compute_counters_add_generated_and_trained_tokens_to_each_step():
