@@ -230,24 +230,11 @@ def test_help_exits_0_without_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_defaults_are_clamped_to_the_model(tiny_path, tmp_path):
+def test_cli_defaults_are_clamped_and_rows_take_two_images(tiny_path, tmp_path):
     """The defaults (a 32768-token context, 16384 new tokens, the paper's pixel range) do not
-    fit the tiny model: each is clamped with one line, and the run completes."""
-    out = tmp_path / "eval"
-    proc = cli("--model", tiny_path, "--data", "synthetic:8", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "[engine] max_model_len 32768 > 4096" in proc.stderr
-    assert "[eval] max_tokens 16384 does not fit" in proc.stderr
-    summary = json.load(open(out / "summary.json"))
-    assert summary["samples"] == 8
-    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
-    assert len(rows) == 8 and max(r["tokens"] for r in rows) <= 4096
-
-
-@pytest.mark.slow
-def test_cli_two_images_per_row(tiny_path, tmp_path):
-    """Rows with two images each: eval.py sizes the engine's image limit from the data (vLLM
-    refuses a second image by default: "At most 1 image(s) may be provided in one prompt")."""
+    fit the tiny model: each is clamped with one line, and the run completes. The rows hold two
+    images each: eval.py sizes the engine's image limit from the data (vLLM refuses a second
+    image by default: "At most 1 image(s) may be provided in one prompt")."""
     import random
 
     rng = random.Random(0)
@@ -260,11 +247,14 @@ def test_cli_two_images_per_row(tiny_path, tmp_path):
     data = tmp_path / "two.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in lines))
     out = tmp_path / "eval"
-    proc = cli("--model", tiny_path, "--data", str(data), "--out", str(out), "--n", "2",
-               "--max_tokens", "8", "--max_model_len", "1024")  # fmt: skip
+    proc = cli("--model", tiny_path, "--data", str(data), "--out", str(out), "--n", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[engine] max_model_len 32768 > 4096" in proc.stderr
+    assert "[eval] max_tokens 16384 does not fit" in proc.stderr
+    assert json.load(open(out / "summary.json"))["samples"] == 6
     rows = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert sorted({r["id"] for r in rows}) == ["r0", "r1", "r2"] and len(rows) == 6
+    assert max(r["tokens"] for r in rows) <= 4096
 
 
 def _table2_bench(folder) -> None:
