@@ -417,6 +417,7 @@ def test_smoke_runs_every_stage_and_resumes_from_its_job_files(tmp_path):
     commit = jobs["cold-seed0"]["commit"]
     assert len(commit) == 40 and {j["commit"] for j in jobs.values()} == {commit}
     # the arm started from the very checkpoint the cold start made and the start job scored
+    assert jobs["cold-seed0"]["base_settle_steps"] == 2  # the base annealed after its stop
     cold_sha = jobs["cold-seed0"]["checkpoints"]["cold"]
     assert jobs["arm-octopus-seed0-lr0.0001"]["start_checkpoint"] == cold_sha
     assert jobs["start-seed0"]["start"]["cold"]["checkpoint"] == cold_sha
