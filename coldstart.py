@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoProcessor
 
     from fsdp import free_cache
-    from rollout import VLLMEngine, max_images_of
+    from octopus import max_images_of
+    from rollout import VLLMEngine
 
     pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     if args.data.startswith("synthetic:"):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, SC, Config
+from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, SC, Config, max_images_of
 
 IMAGE_FACTOR = 32  # Qwen3-VL: patch 16 x spatial merge 2 pixels per visual token side
 QUESTION_FIELDS = ("question", "problem", "prompt", "query")
@@ -554,15 +554,8 @@ def images_per_prompt(stages: list[Config]) -> int:
         specs.append(cfg.sft_data if cfg.stage == "sft" else cfg.train_data)
         if cfg.val_data and cfg.val_every:
             specs.append(cfg.val_data)
-    most = 1
-    for spec in dict.fromkeys(specs):  # each path once, in order
-        if spec and not spec.startswith("synthetic:"):  # the dot task: one image a prompt
-            for e in load_examples(spec)[0]:
-                parts = [
-                    c for m in e["messages"] if isinstance(m["content"], list) for c in m["content"]
-                ]
-                most = max(most, sum(c.get("type") == "image" for c in parts))
-    return most
+    files = [s for s in dict.fromkeys(specs) if s and not s.startswith("synthetic:")]
+    return max([1, *(max_images_of(load_examples(spec)[0]) for spec in files)])  # dots: 1
 
 
 def load_split(

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,6 +90,18 @@ def split_rounds(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Config: one stage's knobs in one place; the paper's runs are presets
 # ---------------------------------------------------------------------------------------------
+
+
+def max_images_of(examples: Iterable[dict]) -> int:
+    """The most images any example's chat holds, at least 1: the engine's per-prompt image
+    limit (vLLM refuses a prompt with more images than `limit_mm_per_prompt` allows). One rule
+    for every reader (rollout's engine, data's multi-stage sizing, coldstart)."""
+    counts = [
+        sum(item.get("type") == "image" for m in e["messages"] if isinstance(m["content"], list)
+            for item in m["content"])
+        for e in examples
+    ]  # fmt: skip
+    return max([1, *counts])
 
 
 def knob(default, help: str):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from octopus import max_images_of
+
 # Tokens a sampled response must never contain: a vision placeholder in a response makes the
 # next training forward fail ("Image features and image tokens do not match").
 FORBIDDEN_TOKENS = (
@@ -88,21 +90,6 @@ def images_of(messages: list[dict]) -> list:
         for item in m["content"]
         if item.get("type") == "image"
     ]
-
-
-def max_images_of(examples: Iterable[dict]) -> int:
-    """The most images any example's chat holds, at least 1: the engine's per-prompt image
-    limit (vLLM refuses a prompt with more images than `limit_mm_per_prompt` allows)."""
-    return max([1, *(_image_count(e["messages"]) for e in examples)])
-
-
-def _image_count(messages: list[dict]) -> int:
-    return sum(
-        item.get("type") == "image"
-        for m in messages
-        if isinstance(m["content"], list)
-        for item in m["content"]
-    )
 
 
 def checkpoint_name(name: str) -> str:

@@ -12,14 +12,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from data import synthetic_task
-from octopus import SC_OPEN
+from octopus import SC_OPEN, max_images_of
 from rollout import (
     FORBIDDEN_TOKENS,
     Sampling,
     VLLMEngine,
     check_tensor_parallel,
     checkpoint_name,
-    max_images_of,
     model_max_len,
     narrow_image_size,
     render_prompt,
