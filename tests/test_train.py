@@ -83,8 +83,22 @@ def stages(tiny_path, tmp_path_factory):
     lines.append({"question": "<image>How many?", "answer": "2", "image": "corrupt.png"})
     lines.append({"question": "<image>How many?", "image": "0.png"})  # no answer
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    # Stage I's file: 8 one-image rows, r3's image broken after its header (it loads, it does
+    # not decode)
+    stage1 = root / "stage1"
+    stage1.mkdir()
+    rng = random.Random(1)
+    rows1 = []
+    for i in range(8):
+        dots_image(i % 6 + 1, rng).save(stage1 / f"{i}.png")
+        rows1.append({"id": f"r{i}", "question": "<image>How many dots are in the image?",
+                      "answer": str(i % 6 + 1), "image": f"{i}.png"})  # fmt: skip
+    whole = (stage1 / "3.png").read_bytes()
+    (stage1 / "3.png").write_bytes(whole[: len(whole) // 2])
+    (stage1 / "stage1.jsonl").write_text("\n".join(json.dumps(r) for r in rows1))
     out = root / "run"
-    log = torchrun(2, "stages", str(out), tiny_path, str(data / "train.jsonl"))
+    log = torchrun(2, "stages", str(out), tiny_path, str(data / "train.jsonl"),
+                   str(stage1 / "stage1.jsonl"))  # fmt: skip
     return out, log
 
 
@@ -148,6 +162,12 @@ def test_each_stage_learns_and_bad_rows_are_counted(stages, tiny_path):
     # first mini-batch only, at the start; Stage II's default has none)
     s2 = rows(out / "stage-2" / "metrics.jsonl")
     assert all(r["kl_o1"] > 1e-5 for r in s2), [r["kl_o1"] for r in s2]
+    # Stage I: an image broken after its header is left out of each step, named and counted,
+    # and both ranks run the same collectives (3 groups on one, 4 on the other)
+    s1 = rows(out / "stage-1" / "metrics.jsonl")
+    assert all(r["bad_images"] == 1 and r["data_skipped"] == 0 for r in s1), s1
+    assert "1 prompts left out, an image does not decode: r3:" in log
+    assert "stage1.jsonl:row 4: field image[0]: unreadable image" in log
     # Stage II's file: 3 rows skipped at load, the too-long one named with the flag's value
     assert all(r["data_skipped"] == 3 for r in s2)
     assert "too-long" in log and "--max_prompt_len 300" in log
@@ -163,7 +183,7 @@ def test_each_stage_learns_and_bad_rows_are_counted(stages, tiny_path):
     assert ckpts == ["step_000002", "step_000003"]
     # the method at work: trained groups written as readable text every step
     dumped = rows(out / "stage-1" / "samples.jsonl")
-    assert len(dumped) == 2 * 2  # 2 steps x --dump_groups 2 (rank 0 holds 2 of the 4 prompts)
+    assert len(dumped) == 2 * 2  # 2 steps x --dump_groups 2 (rank 0 holds 3 or 4 of the 8)
     sample = dumped[0]["samples"][0]
     assert {"kind", "reward", "advantage", "trains", "trained_text"} <= set(sample)
     assert any(s["advantage"] != 0 for d in dumped for s in d["samples"])

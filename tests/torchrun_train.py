@@ -1,6 +1,6 @@
 """Run under torchrun by test_train.py: `MODE OUT_DIR TINY_PATH [args]`.
 
-    stages OUT TINY DATA            cold start -> Stage I -> Stage II (on DATA), 2 ranks
+    stages OUT TINY DATA DATA1      cold start -> Stage I (on DATA1) -> Stage II (on DATA), 2 ranks
     resume OUT TINY EXPORT_FROM     resume OUT to step 3, then `--export_only` of EXPORT_FROM
     checks OUT TINY                 fixed-group gradients and the checks built on them
                                     (world 1: the Stage I normalizers, gradient checkpointing;
@@ -246,7 +246,10 @@ if mode == "stages":  # every stage runs a few steps, Stage II on a file with ba
         # the engine is built here and reused by the later stages: run_sequence sizes it for
         # Stage II's two-image rows (a cold start's one-image limit would refuse them)
         small("demo-sft", max_steps=3, save_every=1, keep_checkpoints=2),
-        small("demo-1", max_steps=2),
+        # Stage I on 8 one-image rows, one truncated after its header: the rank that draws it
+        # trains 3 groups (mini-batches of 1 and 2), the other 4 (2 and 2), in step
+        small("demo-1", max_steps=2, train_data=sys.argv[5], prompts_per_step=8,
+              mini_batch_prompts=4),
         # the grpo-n16-released way of KL: on every response token, in Stage II
         small("demo-2", max_steps=3, train_data=sys.argv[4], val_data="", max_prompt_len=300,
               kl_tokens="response", kl_coef=0.5),
