@@ -27,6 +27,7 @@ from train_items import fixed_groups
 import fsdp
 import octopus
 import train
+from loss import kl_k3
 from octopus import preset
 
 mode, out_dir, tiny = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -83,12 +84,11 @@ def fixed_group_gradients(processor, device, specs: str) -> None:
         grads = gradients(t.model)
         if rank == 0:
             torch.save(grads, f"{out_dir}/grads_world{world}_{spec.replace(':', '_')}.pt")
-    if world == 1:  # the KL's terms these gradients hold: k3 below its clamp of 10
-        k3 = []
+    if world == 1:  # the KL's terms these gradients hold (the same groups and weights for
+        k3 = []  # every spec): below the clamp of 10, where they have a gradient
         for group, lps in zip(groups, train.logprobs(t, groups), strict=True):
             for it, lp in zip(group.items, lps, strict=True):
-                d = it.ref_logp - lp
-                k3 += (torch.exp(d) - d - 1.0)[it.kl_mask > 0].tolist()
+                k3 += kl_k3(lp, it.ref_logp)[it.kl_mask > 0].tolist()
         save_json("kl_terms.json", {"n": len(k3), "below_clamp": sum(x < 10.0 for x in k3)})
 
 
