@@ -1089,22 +1089,22 @@ def rare_cold_job(
                                  max_steps=scale["base_settle_steps"], lr_schedule="cosine",
                                  val_every=0, sft_stop_acc=0.0, sft_stop_format=0.0,
                                  seed=seed + 7)  # fmt: skip
+    base_stages = [c for c in (fmt_cfg, cfg, settle_cfg) if c is not None]
     # --reuse_base (development only): a base policy of the very same recipe, trained by an
     # earlier job, is copied instead of retrained; the job says so and from which commit (the
     # checkpoint's sha256 lets a rebuild from scratch confirm it)
     recipe = hashlib.sha256(
         json.dumps(
-            [dataclasses.asdict(c.replace(out_dir="")) for c in (fmt_cfg, cfg, settle_cfg) if c]
+            [dataclasses.asdict(c.replace(out_dir="")) for c in base_stages]
             + [seed, scale["base_rows"], scale["format_rows"], scale.get("base_labels", "truth")],
             sort_keys=True,
         ).encode()
     ).hexdigest()
     cache = os.path.join(work, "base-cache", f"seed{seed}-{recipe[:16]}")
     if reuse_base and os.path.exists(os.path.join(cache, "commit.json")):
-        for c in (fmt_cfg, cfg, settle_cfg):
-            if c is not None:
-                shutil.copytree(os.path.join(cache, os.path.basename(c.out_dir)), c.out_dir)
-        base = os.path.join((settle_cfg or cfg).out_dir, "export")
+        for c in base_stages:
+            shutil.copytree(os.path.join(cache, os.path.basename(c.out_dir)), c.out_dir)
+        base = os.path.join(base_stages[-1].out_dir, "export")
         job["base_reused_from"] = json.load(open(os.path.join(cache, "commit.json")))
         engine = VLLMEngine(base, max_model_len=cfg.max_prompt_len + cfg.max_response_len,
                             seed=seed, kv_cache_gb=cfg.kv_cache_gb, min_pixels=cfg.min_pixels,
@@ -1117,9 +1117,8 @@ def rare_cold_job(
         engine.wake()  # the engine last synced at the last validation: give it the export
         engine.sync_weights(load_file(os.path.join(base, "model.safetensors")).items())
         shutil.rmtree(cache, ignore_errors=True)
-        for c in (fmt_cfg, cfg, settle_cfg):
-            if c is not None:
-                shutil.copytree(c.out_dir, os.path.join(cache, os.path.basename(c.out_dir)))
+        for c in base_stages:
+            shutil.copytree(c.out_dir, os.path.join(cache, os.path.basename(c.out_dir)))
         write_json(provenance, os.path.join(cache, "commit.json"))
     job["format_curve"] = _curve(fmt_cfg.out_dir)
     job["format_steps"] = _last_step(fmt_cfg.out_dir)
