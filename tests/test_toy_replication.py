@@ -529,3 +529,43 @@ def test_systematic_base_labels_count_the_squares_on_images_with_two_or_more():
         assert toy.base_label(e, "truth") == e["answer"]
         seen.add(squares >= 2)
     assert seen == {True, False}
+
+
+def test_a_rebuilt_cold_start_that_differs_supersedes_only_its_own_seed(tmp_path):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    committed = {
+        "cold-seed1": {"kind": "cold", "seed": 1, "commit": "abcdef0123456789", "checkpoints": 1},
+        "start-seed1": {"kind": "start", "seed": 1},
+        "arm-octopus-seed1-lr0.0001": {"kind": "arm", "seed": 1},
+        "cold-seed10": {"kind": "cold", "seed": 10, "commit": "ffff", "checkpoints": 3},
+        "arm-octopus-seed10-lr0.0001": {"kind": "arm", "seed": 10},
+    }
+    for name, job in committed.items():
+        (jobs / f"{name}.json").write_text(json.dumps(job))
+    rebuilt = tmp_path / "rebuilt.json"
+    rebuilt.write_text(json.dumps({"kind": "cold", "seed": 1, "commit": "0123", "checkpoints": 2}))
+    dest = toy.supersede_seed(str(tmp_path), 1, str(rebuilt))
+    assert dest == str(tmp_path / "attempts" / "superseded-abcdef0123-seed1")
+    # seed 10's names contain "seed1": only the seed field decides
+    assert sorted(os.listdir(jobs)) == ["arm-octopus-seed10-lr0.0001.json", "cold-seed1.json",
+                                        "cold-seed10.json"]  # fmt: skip
+    assert json.loads((jobs / "cold-seed1.json").read_text())["checkpoints"] == 2
+    kept = {p[:-5]: json.loads(open(os.path.join(dest, p)).read()) for p in os.listdir(dest)}
+    assert kept == {k: v for k, v in committed.items() if v["seed"] == 1}
+    # the loaded jobs are what the planner reads: the seed's start and arm are to run again
+    assert set(toy.load_jobs(str(tmp_path))) == {"cold-seed1", "cold-seed10",
+                                                 "arm-octopus-seed10-lr0.0001"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, isa",
+    [("fpu sse avx avx2 fma", "avx2"), ("avx2 avx512f avx512bw", "avx512"),
+     ("avx2 avx512f amx_bf16 amx_tile", "avx512+amx"), ("neon asimd", "other")],
+)  # fmt: skip
+def test_cpu_kernels_names_the_widest_isa(tmp_path, flags, isa):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: {flags}\n\n"
+                    "processor\t: 1\nflags\t\t: nothing\n")  # fmt: skip
+    assert toy.cpu_kernels(str(info)) == f"Some Xeon, {isa}, {os.cpu_count()} cores"
+    assert toy.cpu_kernels(str(tmp_path / "absent")).startswith("unknown CPU, other, ")
