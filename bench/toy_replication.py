@@ -21,8 +21,9 @@ Two regimes, one per cold start (Sec. 4.1 in miniature: o1 from the policy, o2 f
       it ran from and the sha256 of the checkpoints it made or started from; a job whose file
       exists is skipped, and a cold start whose cache is gone is rebuilt: on the same machine
       bit for bit, on another one (other CPU kernels, `cpu_kernels`) it differs, and the seed
-      runs again from the rebuild (its old jobs kept under attempts/): a seed is one machine's. Outputs: runs.csv, calibration.json, lr_grid.json,
-      claims.csv, compute.csv, report.md.
+      runs again from the rebuild (its old jobs kept under attempts/): a seed is one
+      machine's. Outputs: runs.csv, calibration.json, lr_grid.json, claims.csv, compute.csv,
+      report.md.
   dense: the committed experiment (bench/results/toy_*): o1 at T 0.6, an always-right o2, only
       correct o2 kept. w->c in ~30% of generated rollouts: when corrections are dense, which
       ones are spliced cannot matter.
