@@ -40,10 +40,13 @@ def setup_distributed(timeout_minutes: int = 60) -> tuple[int, int, torch.device
     collectives, an HF export of the 8B model on rank 0.
     """
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        rendezvous: dict = {}
+        if "MASTER_PORT" not in os.environ:
+            # not under torchrun: a world of one that meets in an in-memory store, so two such
+            # processes at once (two pytest-xdist workers, two bench scripts) never race for a port
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1)
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -51,9 +54,11 @@ def setup_distributed(timeout_minutes: int = 60) -> tuple[int, int, torch.device
             # bf16 matmuls accumulate in fp32: reduced-precision reductions add noise of the
             # size of GSPO's clip range (3e-4) to the log-probs (verl and EasyR1 turn it off too)
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
+            dist.init_process_group(
+                "cpu:gloo,cuda:nccl", device_id=device, timeout=timeout, **rendezvous
+            )
         else:
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group("gloo", timeout=timeout, **rendezvous)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -325,12 +325,19 @@ def test_setup_distributed_builds_a_device_aware_group_on_gpus(monkeypatch):
     monkeypatch.setattr(fsdp.dist, "get_rank", lambda: 0)
     monkeypatch.setattr(fsdp.dist, "get_world_size", lambda: 8)
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
     rank, world, device = fsdp.setup_distributed()
     # CPU-side counts and metrics need gloo; NCCL alone fails on a CPU tensor
     assert calls["backend"] == "cpu:gloo,cuda:nccl" and calls["device_id"] == torch.device(
         "cuda", 3
     )
     assert device == torch.device("cuda", 3) and calls["timeout"].total_seconds() >= 1800
+    # without torchrun a world of one meets in memory: no port two test workers could both take
+    assert calls["world_size"] == 1 and isinstance(calls["store"], fsdp.dist.HashStore)
+    calls.clear()
+    monkeypatch.setenv("MASTER_PORT", "29400")  # under torchrun: its env:// rendezvous
+    fsdp.setup_distributed()
+    assert calls["backend"] == "cpu:gloo,cuda:nccl" and "store" not in calls
 
 
 def test_check_config_refuses_what_cannot_run():
