@@ -1632,6 +1632,12 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
             w = csv.DictWriter(f, fieldnames=list(compute[0]))
             w.writeheader()
             w.writerows(compute)
+    stability = stability_rows(jobs, chosen)
+    if stability:
+        with open(os.path.join(out, "stability.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(stability[0]))
+            w.writeheader()
+            w.writerows(stability)
     rare_plots(out, jobs, chosen)
     lines = ["| seed | base acc T1 | base format T1 | cold o1+SC+o2 T1 | cold w->c | "
              "SFT only - base | accepted |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -1644,7 +1650,41 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
               "detectable | verdict |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     lines += [f"| {c['claim']} | {c['a']} - {c['b']} | {c['paper']} | {fmt_ci(c)} | "
               f"{c['verdict']} |" for c in claims]  # fmt: skip
+    lines += ["", "| arm | seeds | generated tokens | trained tokens | median step s | wall s |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for arm in arms:
+        cs = [c for c in compute if c["arm"] == arm]
+        if cs:
+            lines.append(f"| {arm} | {len(cs)} | {statistics.fmean(c['gen_tokens'] for c in cs):,.0f} | "
+                         f"{statistics.fmean(c['trained_tokens'] for c in cs):,.0f} | "
+                         f"{statistics.fmean(c['median_step_s'] for c in cs):.2f} | "
+                         f"{statistics.fmean(c['wall_s'] for c in cs):.0f} |")  # fmt: skip
+    if stability:
+        lines += ["", "| arm | seed | stage | format first / last 10 (T 1.0) | "
+                  "o1+SC+o2 first / last 10 | truncated first / last 10 |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {r['arm']} | {r['seed']} | {r['stage']} | {r['format_first10']:.3f} / "
+                  f"{r['format_last10']:.3f} | {r['sc_format_first10']:.3f} / "
+                  f"{r['sc_format_last10']:.3f} | {r['truncated_first10']:.3f} / "
+                  f"{r['truncated_last10']:.3f} |" for r in stability]  # fmt: skip
     return "\n".join(lines)
+
+
+def stability_rows(jobs: dict[str, dict], chosen: dict[str, float]) -> list[dict]:
+    """Does Stage II hold the format (Algorithm 1's two stages)? Per self-correction arm, seed
+    and stage: training-time format, o1 + SC + o2 format and truncation at T 1.0 over the
+    stage's first and last 10 steps (the arm job's `stability`), at the arm's chosen lr."""
+    out = []
+    for j in sorted(jobs.values(), key=lambda j: (j.get("arm", ""), j["seed"])):
+        st = j.get("stability") or {}
+        if j["kind"] != "arm" or chosen.get(j["arm"]) != j["lr"] or ARMS[j["arm"]][0] != "cold":
+            continue  # the GSPO arms answer once: no self-correction format to hold
+        for stage in ("1", "2"):
+            if f"stage{stage}_first10_format" in st:
+                out.append({"arm": j["arm"], "seed": j["seed"], "stage": stage, **{
+                    f"{key}_{end}": st[f"stage{stage}_{end}_{key}"]
+                    for key in ("format", "sc_format", "truncated") for end in ("first10", "last10")}})  # fmt: skip
+    return out
 
 
 def cost_curve(job: dict) -> list[dict]:

@@ -475,8 +475,12 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
                             "curve": [dict(_metrics(0.3, 0.5), step=2, stage="1"),
                                       dict(_metrics(0.3, acc), step=4, stage="2")],
                             "test": _metrics(acc - 0.1, acc + seed / 10), "steps": steps,
-                            "compute": {"rl_steps": 4, "gen_tokens": 400}, "seconds": 9.0,
-                            "load_avg_start": 1.0, "load_avg_end": 2.0},
+                            "compute": {"rl_steps": 4, "gen_tokens": 400, "trained_tokens": 800,
+                                        "median_step_s": 1.5}, "seconds": 9.0,
+                            "load_avg_start": 1.0, "load_avg_end": 2.0,
+                            "stability": {f"stage{st}_{end}_{key}": 0.9 if end == "first10" else 0.8
+                                          for st in "12" for end in ("first10", "last10")
+                                          for key in ("format", "sc_format", "truncated")}},
                            str(jobs / (toy.job_name("arm", seed, arm, 1e-4) + ".json")))  # fmt: skip
     scale = dict(toy.RARE_SCALES["quick"])  # no grid: every arm at 1e-4
     md = toy.aggregate(str(tmp_path), ["octopus", "random-augment", "sft-only"], scale)
@@ -497,6 +501,11 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
     assert [(r["arm"], r["gen_tokens"], r["dev_acc2"]) for r in cost if r["arm"] == "octopus"] == [
         ("octopus", "200", "0.5"), ("octopus", "400", "0.6")]  # fmt: skip
     assert "| 0 | 0.400 | 0.970 | 0.930 | 0.0100 | +0.010 | yes |" in md
+    assert "| octopus | 2 | 400 | 800 | 1.50 | 9 |" in md  # compute, mean over the 2 seeds
+    stab = list(csv.DictReader(open(tmp_path / "stability.csv")))
+    assert [(r["arm"], r["seed"], r["stage"]) for r in stab] == [
+        (arm, str(seed), st) for arm in ("octopus", "random-augment") for seed in (0, 1) for st in "12"]  # fmt: skip
+    assert "| octopus | 1 | 2 | 0.900 / 0.800 | 0.900 / 0.800 | 0.900 / 0.800 |" in md
 
 
 def test_compare_jobs_reports_checkpoints_and_test_accuracy_against_the_committed(tmp_path):
@@ -569,3 +578,29 @@ def test_cpu_kernels_names_the_widest_isa(tmp_path, flags, isa):
                     "processor\t: 1\nflags\t\t: nothing\n")  # fmt: skip
     assert toy.cpu_kernels(str(info)) == f"Some Xeon, {isa}, {os.cpu_count()} cores"
     assert toy.cpu_kernels(str(tmp_path / "absent")).startswith("unknown CPU, other, ")
+
+
+def test_stability_rows_keep_self_correction_arms_at_their_chosen_lr():
+    st = {f"stage{s}_{e}_{k}": v for s, v in (("1", 0.5), ("2", 0.25))
+          for e in ("first10", "last10") for k in ("format", "sc_format", "truncated")}  # fmt: skip
+    jobs = {
+        "a": {"kind": "arm", "arm": "octopus", "seed": 0, "lr": 1e-4, "stability": st},
+        "b": {
+            "kind": "arm",
+            "arm": "octopus",
+            "seed": 0,
+            "lr": 3e-5,
+            "stability": st,
+        },  # not chosen
+        "c": {
+            "kind": "arm",
+            "arm": "gspo-n16",
+            "seed": 0,
+            "lr": 1e-4,
+            "stability": st,
+        },  # one answer
+        "d": {"kind": "cold", "seed": 0},
+    }
+    rows = toy.stability_rows(jobs, {"octopus": 1e-4, "gspo-n16": 1e-4})
+    assert [(r["arm"], r["stage"], r["format_first10"], r["truncated_last10"]) for r in rows] == [
+        ("octopus", "1", 0.5, 0.5), ("octopus", "2", 0.25, 0.25)]  # fmt: skip
