@@ -1639,7 +1639,11 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
             w.writeheader()
             w.writerows(stability)
     rare_plots(out, jobs, chosen)
-    lines = ["| seed | base acc T1 | base format T1 | cold o1+SC+o2 T1 | cold w->c | "
+    code = code_of({j["commit"] for j in jobs.values() if j.get("commit")})
+    lines = [f"Jobs: {len(jobs)} from {len(code)} commit(s) whose Python code is that of "
+             f"{', '.join(sorted(set(code.values())))} (the last commit that changed a .py "
+             "file; the others add job files only).", ""]  # fmt: skip
+    lines += ["| seed | base acc T1 | base format T1 | cold o1+SC+o2 T1 | cold w->c | "
              "SFT only - base | accepted |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for s in sorted(cold):
         c = cold[s]["calibration"]
@@ -1668,6 +1672,21 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
                   f"{r['sc_format_last10']:.3f} | {r['truncated_first10']:.3f} / "
                   f"{r['truncated_last10']:.3f} |" for r in stability]  # fmt: skip
     return "\n".join(lines)
+
+
+def code_of(commits: set[str]) -> dict[str, str]:
+    """Each recorded commit -> the last commit at or before it that changed a .py file (short
+    hash): a job recorded at a commit that only added other jobs' results ran that code."""
+
+    def last_code_change(commit: str) -> str:
+        try:
+            got = subprocess.run(["git", "log", "-1", "--format=%h", commit, "--", "*.py"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+        return got.stdout.strip() or "unknown"
+
+    return {c: last_code_change(c) for c in sorted(commits)}
 
 
 def stability_rows(jobs: dict[str, dict], chosen: dict[str, float]) -> list[dict]:

@@ -501,6 +501,7 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
     assert [(r["arm"], r["gen_tokens"], r["dev_acc2"]) for r in cost if r["arm"] == "octopus"] == [
         ("octopus", "200", "0.5"), ("octopus", "400", "0.6")]  # fmt: skip
     assert "| 0 | 0.400 | 0.970 | 0.930 | 0.0100 | +0.010 | yes |" in md
+    assert md.startswith("Jobs: 8 from 3 commit(s) whose Python code is that of unknown")
     assert "| octopus | 2 | 400 | 800 | 1.50 | 9 |" in md  # compute, mean over the 2 seeds
     stab = list(csv.DictReader(open(tmp_path / "stability.csv")))
     assert [(r["arm"], r["seed"], r["stage"]) for r in stab] == [
@@ -604,3 +605,23 @@ def test_stability_rows_keep_self_correction_arms_at_their_chosen_lr():
     rows = toy.stability_rows(jobs, {"octopus": 1e-4, "gspo-n16": 1e-4})
     assert [(r["arm"], r["stage"], r["format_first10"], r["truncated_last10"]) for r in rows] == [
         ("octopus", "1", 0.5, 0.5), ("octopus", "2", 0.25, 0.25)]  # fmt: skip
+
+
+def test_code_of_names_the_last_commit_that_changed_python(tmp_path, monkeypatch):
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "code")
+    code = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "job.json").write_text("{}")
+    git("add", ".")
+    git("commit", "-qm", "a job's result")
+    results = git("rev-parse", "HEAD")
+    monkeypatch.setattr(toy, "ROOT", str(tmp_path))
+    assert toy.code_of({results, "0" * 40}) == {"0" * 40: "unknown", results: code}
