@@ -447,12 +447,16 @@ def _window(window: list[tuple[dict, float]]) -> dict:
     }
 
 
-def write_csv(rows: list[dict], path: str) -> None:
+def write_csv(rows: list[dict], path: str, columns: list[str] | None = None,
+              digits: int | None = 4) -> None:  # fmt: skip
+    """`rows` as a CSV with `columns` (default: the first row's keys), floats rounded to
+    `digits` (None: as they are)."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns or list(rows[0]), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+            w.writerow({k: (round(v, digits) if isinstance(v, float) and digits is not None
+                            else v) for k, v in r.items()})  # fmt: skip
 
 
 # =============================================================================================
@@ -833,16 +837,17 @@ def split_task(n: int, seed: int, split: str) -> list[dict]:
 # --------------------------------------------------------------------------- provenance
 
 
+def git(*a: str) -> str:
+    """`git *a` in the repository: its output, or "" where git or the repository is missing."""
+    try:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def code_commit() -> dict:
     """The commit the code runs from, and whether tracked files differ from it."""
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=30).stdout.strip()  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
     commit = git("rev-parse", "HEAD") or "unknown"
     dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "*.py"))
     return {"commit": commit, "dirty": dirty}
@@ -1616,28 +1621,14 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
                 compute.append({"arm": arm, "seed": seed, "lr": lr, **job["compute"],
                                 "wall_s": job["seconds"], "load_avg_start": job["load_avg_start"],
                                 "load_avg_end": job["load_avg_end"], "commit": job["commit"]})  # fmt: skip
-    with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RUN_COLUMNS)
-        w.writeheader()
-        w.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
-                    for r in rows)  # fmt: skip
+    write_csv(rows, os.path.join(out, "runs.csv"), RUN_COLUMNS)
     claims = claims_table(finals)
-    with open(os.path.join(out, "claims.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CLAIM_COLUMNS)
-        w.writeheader()
-        w.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in c.items()}
-                    for c in claims)  # fmt: skip
+    write_csv(claims, os.path.join(out, "claims.csv"), CLAIM_COLUMNS)
     if compute:
-        with open(os.path.join(out, "compute.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(compute[0]))
-            w.writeheader()
-            w.writerows(compute)
+        write_csv(compute, os.path.join(out, "compute.csv"), digits=None)
     stability = stability_rows(jobs, chosen)
     if stability:
-        with open(os.path.join(out, "stability.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(stability[0]))
-            w.writeheader()
-            w.writerows(stability)
+        write_csv(stability, os.path.join(out, "stability.csv"), digits=None)
     rare_plots(out, jobs, chosen)
     code = code_of({j["commit"] for j in jobs.values() if j.get("commit")})
     lines = [f"Jobs: {len(jobs)} from {len(code)} commit(s) whose Python code is that of "
@@ -1677,16 +1668,9 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
 def code_of(commits: set[str]) -> dict[str, str]:
     """Each recorded commit -> the last commit at or before it that changed a .py file (short
     hash): a job recorded at a commit that only added other jobs' results ran that code."""
-
-    def last_code_change(commit: str) -> str:
-        try:
-            got = subprocess.run(["git", "log", "-1", "--format=%h", commit, "--", "*.py"],
-                                 cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
-            return "unknown"
-        return got.stdout.strip() or "unknown"
-
-    return {c: last_code_change(c) for c in sorted(commits)}
+    return {
+        c: git("log", "-1", "--format=%h", c, "--", "*.py") or "unknown" for c in sorted(commits)
+    }
 
 
 def stability_rows(jobs: dict[str, dict], chosen: dict[str, float]) -> list[dict]:
@@ -1734,10 +1718,7 @@ def rare_plots(out: str, jobs: dict[str, dict], chosen: dict[str, float]) -> lis
                          "dev_acc2": round(statistics.fmean(p["dev_acc2"] for p in points), 4)})  # fmt: skip
     if not rows:
         return []
-    with open(os.path.join(out, "accuracy_vs_generated_tokens.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, os.path.join(out, "accuracy_vs_generated_tokens.csv"), digits=None)
     written = ["accuracy_vs_generated_tokens.csv"]
     try:
         import matplotlib
@@ -2050,7 +2031,7 @@ def dense_main(args) -> None:
     wall = time.time() - t0
 
     rows = [r for a in arms for s in seeds for r in arm_rows(work, a, s, scale)]
-    write_csv(rows, os.path.join(args.out, "toy_replication.csv"))
+    write_csv(rows, os.path.join(args.out, "toy_replication.csv"), COLUMNS)
     calib = {"task": f"data.synthetic_task(variant={VARIANT!r})", "scale": scale_name,
              "sizes": scale, "shared": SHARED, "sft": SFT,
              "seeds": {s: json.load(open(os.path.join(seed_dir(work, s), "calibration.json")))

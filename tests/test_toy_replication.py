@@ -584,22 +584,11 @@ def test_cpu_kernels_names_the_widest_isa(tmp_path, flags, isa):
 def test_stability_rows_keep_self_correction_arms_at_their_chosen_lr():
     st = {f"stage{s}_{e}_{k}": v for s, v in (("1", 0.5), ("2", 0.25))
           for e in ("first10", "last10") for k in ("format", "sc_format", "truncated")}  # fmt: skip
+    # b: not at the chosen lr; c: a GSPO arm answers once; d: not an arm
     jobs = {
         "a": {"kind": "arm", "arm": "octopus", "seed": 0, "lr": 1e-4, "stability": st},
-        "b": {
-            "kind": "arm",
-            "arm": "octopus",
-            "seed": 0,
-            "lr": 3e-5,
-            "stability": st,
-        },  # not chosen
-        "c": {
-            "kind": "arm",
-            "arm": "gspo-n16",
-            "seed": 0,
-            "lr": 1e-4,
-            "stability": st,
-        },  # one answer
+        "b": {"kind": "arm", "arm": "octopus", "seed": 0, "lr": 3e-5, "stability": st},
+        "c": {"kind": "arm", "arm": "gspo-n16", "seed": 0, "lr": 1e-4, "stability": st},
         "d": {"kind": "cold", "seed": 0},
     }
     rows = toy.stability_rows(jobs, {"octopus": 1e-4, "gspo-n16": 1e-4})
