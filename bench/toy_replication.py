@@ -1586,6 +1586,49 @@ def fmt_ci(c: dict) -> str:
             f"{c['seeds_a_gt_b']}/{c['n_seeds']} seeds, detectable {c['detectable_diff']:.3f}")  # fmt: skip
 
 
+def seed_table(finals: dict[str, dict[int, dict]], arms: list[str], seeds: list[int]) -> list[str]:
+    """Final test acc@2 of every arm on every seed (markdown rows): the per-seed outcome, which
+    in the rare regime is close to bimodal (a run takes off or it does not), under the claims."""
+    lines = ["| arm (test acc@2) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "| --- |" + " --- |" * len(seeds)]  # fmt: skip
+    for arm in arms:
+        if arm in finals:
+            cells = [f"{finals[arm][s]['acc2']:.3f}" if s in finals[arm] else "-" for s in seeds]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def claims_plot(out: str, claims: list[dict]) -> list[str]:
+    """claims.png (with matplotlib): each claim's paired difference with its 95% interval over
+    seeds, the paper's difference beside it (points / 100) where it states one."""
+    rows = [c for c in claims if c["n_seeds"] >= 2]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(8.5, 0.42 * len(rows) + 1.2))
+    ys = list(range(len(rows)))[::-1]
+    for y, c in zip(ys, rows, strict=True):
+        ax.plot([c["ci_low"], c["ci_high"]], [y, y], color="tab:blue", lw=2)
+        ax.plot(c["mean_diff"], y, "o", color="tab:blue")
+        paper = c["paper"].lstrip("+")
+        if paper.replace(".", "", 1).lstrip("-").isdigit():
+            ax.plot(float(paper) / 100, y, "x", color="tab:red")
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(ys, [f"{c['claim']} ({c['n_seeds']} seeds)" for c in rows], fontsize=8)
+    ax.set_xlabel("paired difference in test accuracy (toy: dot, 95% interval; paper: x)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "claims.png"), dpi=110)
+    plt.close(fig)
+    return ["claims.png"]
+
+
 def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> str:
     """Everything under `out` from its job files: runs.csv (each arm at its lr, `lr_for` with
     `lr_args`), calibration.json, lr_grid.json, claims.csv, compute.csv, the accuracy against
@@ -1630,6 +1673,7 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
     if stability:
         write_csv(stability, os.path.join(out, "stability.csv"), digits=None)
     rare_plots(out, jobs, chosen)
+    claims_plot(out, claims)
     code = code_of({j["commit"] for j in jobs.values() if j.get("commit")})
     lines = [f"Jobs: {len(jobs)} from {len(code)} commit(s) whose Python code is that of "
              f"{', '.join(sorted(set(code.values())))} (the last commit that changed a .py "
@@ -1641,6 +1685,7 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
         lines.append(f"| {s} | {c['base_acc_t1']:.3f} | {c['base_format_t1']:.3f} | "
                      f"{c['cold_format_t1']:.3f} | {c['cold_wc_generated']:.4f} | "
                      f"{c['sft_only_minus_base']:+.3f} | {'yes' if cold[s]['accepted'] else 'no: ' + '; '.join(cold[s]['regime_misses'])} |")  # fmt: skip
+    lines += ["", *seed_table(finals, arms, seeds)]
     lines += ["", "| claim | A - B | paper | toy, rare regime: mean [95% CI], seeds A > B, "
               "detectable | verdict |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     lines += [f"| {c['claim']} | {c['a']} - {c['b']} | {c['paper']} | {fmt_ci(c)} | "

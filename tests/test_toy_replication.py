@@ -503,6 +503,9 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
     assert "| 0 | 0.400 | 0.970 | 0.930 | 0.0100 | +0.010 | yes |" in md
     assert md.startswith("Jobs: 8 from 3 commit(s) whose Python code is that of unknown")
     assert "| octopus | 2 | 400 | 800 | 1.50 | 9 |" in md  # compute, mean over the 2 seeds
+    # the per-seed table: octopus's test acc@2 is 0.6 + seed / 10, the cold start's 0.41 + seed / 100
+    assert "| arm (test acc@2) | seed 0 | seed 1 |" in md
+    assert "| octopus | 0.600 | 0.700 |" in md and "| sft-only | 0.410 | 0.420 |" in md
     stab = list(csv.DictReader(open(tmp_path / "stability.csv")))
     assert [(r["arm"], r["seed"], r["stage"]) for r in stab] == [
         (arm, str(seed), st) for arm in ("octopus", "random-augment") for seed in (0, 1) for st in "12"]  # fmt: skip
