@@ -1468,13 +1468,15 @@ CLAIM_COLUMNS = ["claim", "a", "b", "metric", "paper", "mean_diff", "ci_low", "c
                  "seeds_a_gt_b", "n_seeds", "sd_diff", "detectable_diff", "verdict"]  # fmt: skip
 
 
-def claims_table(finals: dict[str, dict[int, dict]]) -> list[dict]:
-    """One row per claim over the seeds both arms have: `finals[arm][seed]` holds the final
-    test `acc1` / `acc2`. Verdict: "reproduced" only when the 95% interval excludes zero on the
-    claimed side."""
+def claims_table(finals: dict[str, dict[int, dict]], seeds: list[int] | None = None) -> list[dict]:
+    """One row per claim over the seeds both arms have (only those in `seeds` if given):
+    `finals[arm][seed]` holds the final test `acc1` / `acc2`. Verdict: "reproduced" only when
+    the 95% interval excludes zero on the claimed side."""
     out = []
     for name, a, b, ka, kb, paper in CLAIMS:
         common = sorted(set(finals.get(a, {})) & set(finals.get(b, {})))
+        if seeds is not None:
+            common = [s for s in common if s in seeds]
         diffs = [finals[a][s][ka] - finals[b][s][kb] for s in common]
         st = paired_stats(diffs)
         if st["n_seeds"] < 2:
@@ -1667,6 +1669,17 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
     write_csv(rows, os.path.join(out, "runs.csv"), RUN_COLUMNS)
     claims = claims_table(finals)
     write_csv(claims, os.path.join(out, "claims.csv"), CLAIM_COLUMNS)
+    # machines.json (written by hand: jobs of 42a34ad do not record their CPU) names the machine
+    # each seed ran on; a seed's arms share it, so the pairs are within a machine, but whether a
+    # run takes off may depend on it: the claims again per machine, exploratory
+    machines = {}
+    if os.path.exists(os.path.join(out, "machines.json")):
+        machines = json.load(open(os.path.join(out, "machines.json")))["machines"]
+    by_machine = [{"machine": m, **c} for m, info in machines.items()
+                  for c in claims_table(finals, info["seeds"])]  # fmt: skip
+    if by_machine:
+        path = os.path.join(out, "claims_by_machine.csv")
+        write_csv(by_machine, path, ["machine", *CLAIM_COLUMNS])
     if compute:
         write_csv(compute, os.path.join(out, "compute.csv"), digits=None)
     stability = stability_rows(jobs, chosen)
@@ -1690,6 +1703,15 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
               "detectable | verdict |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
     lines += [f"| {c['claim']} | {c['a']} - {c['b']} | {c['paper']} | {fmt_ci(c)} | "
               f"{c['verdict']} |" for c in claims]  # fmt: skip
+    if by_machine:
+        names = list(machines)
+        lines += ["", "Per machine (exploratory): " + "; ".join(
+            f"{m}: {machines[m]['cpu']}, seeds {', '.join(map(str, machines[m]['seeds']))}" for m in names),
+            "", "| claim | " + " | ".join(f"machine {m}" for m in names) + " |",
+            "| --- |" + " --- |" * len(names)]  # fmt: skip
+        cell = {(c["machine"], c["claim"]): fmt_ci(c) for c in by_machine}
+        for name, *_ in CLAIMS:
+            lines.append(f"| {name} | " + " | ".join(cell[m, name] for m in names) + " |")
     lines += ["", "| arm | seeds | generated tokens | trained tokens | median step s | wall s |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for arm in arms:

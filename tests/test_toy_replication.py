@@ -328,6 +328,10 @@ def test_claims_say_reproduced_only_when_the_interval_excludes_zero():
     assert math.isclose(rows["acc@2 > acc@1 (Octopus)"]["mean_diff"], 0.0975)
     assert rows["Stage I helps"]["verdict"] == "too few seeds"
     assert [c["claim"] for c in toy.claims_table(finals)] == [c[0] for c in toy.CLAIMS]
+    # restricted to seeds 0 and 2: acc@2 - acc@1 of octopus is 0.10 and 0.06
+    sub = {c["claim"]: c for c in toy.claims_table(finals, seeds=[0, 2])}
+    assert sub["acc@2 > acc@1 (Octopus)"]["n_seeds"] == 2
+    assert math.isclose(sub["acc@2 > acc@1 (Octopus)"]["mean_diff"], 0.08)
 
 
 def test_lr_rule_is_the_same_for_every_arm():
@@ -482,6 +486,8 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
                                           for st in "12" for end in ("first10", "last10")
                                           for key in ("format", "sc_format", "truncated")}},
                            str(jobs / (toy.job_name("arm", seed, arm, 1e-4) + ".json")))  # fmt: skip
+    machines = {"a": {"cpu": "cpu A", "seeds": [0]}, "b": {"cpu": "cpu B", "seeds": [0, 1]}}
+    toy.write_json({"machines": machines}, str(tmp_path / "machines.json"))
     scale = dict(toy.RARE_SCALES["quick"])  # no grid: every arm at 1e-4
     md = toy.aggregate(str(tmp_path), ["octopus", "random-augment", "sft-only"], scale)
     rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
@@ -493,6 +499,11 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
     claims = {c["claim"]: c for c in csv.DictReader(open(tmp_path / "claims.csv"))}
     sel = claims["paper selection > random splicing"]
     assert (float(sel["mean_diff"]), sel["seeds_a_gt_b"], sel["n_seeds"]) == (0.1, "2", "2")
+    by_machine = [(c["machine"], c["n_seeds"], c["mean_diff"]) for c in
+                  csv.DictReader(open(tmp_path / "claims_by_machine.csv"))
+                  if c["claim"] == "paper selection > random splicing"]  # fmt: skip
+    assert by_machine == [("a", "1", "0.1"), ("b", "2", "0.1")]
+    assert "| paper selection > random splicing | +0.100 (n = 1) | +0.100 [" in md
     rl = claims["RL > the cold start"]  # octopus 0.6 / 0.7 against the cold start 0.41 / 0.42
     assert math.isclose(float(rl["mean_diff"]), 0.235, abs_tol=1e-4)
     cal = json.loads((tmp_path / "calibration.json").read_text())
