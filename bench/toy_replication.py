@@ -1712,6 +1712,11 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
         cell = {(c["machine"], c["claim"]): fmt_ci(c) for c in by_machine}
         for name, *_ in CLAIMS:
             lines.append(f"| {name} | " + " | ".join(cell[m, name] for m in names) + " |")
+    matched = cost_matched(jobs, chosen, "octopus", "no-splice-n16")
+    if matched["n_seeds"]:
+        lines += ["", "At equal generated tokens (dev acc@2, T 0.6; Octopus's last validation "
+                  "against no-splice-n16's at the same tokens): octopus - no-splice-n16 "
+                  f"{fmt_ci(matched)}"]  # fmt: skip
     lines += ["", "| arm | seeds | generated tokens | trained tokens | median step s | wall s |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for arm in arms:
@@ -1768,6 +1773,37 @@ def cost_curve(job: dict) -> list[dict]:
             spent += steps.get(k, {}).get("gen_tokens", 0)
         out.append({"gen_tokens": spent, "dev_acc2": p["val_acc_final"], "step": p["step"]})
     return out
+
+
+def at_tokens(curve: list[dict], tokens: float) -> float | None:
+    """Dev acc@2 of a `cost_curve` at `tokens` generated tokens, linear between the two
+    validations around it (from 0 tokens at the first point's accuracy); None past its end."""
+    prev_t, prev_acc = 0, curve[0]["dev_acc2"]
+    for p in curve:
+        if p["gen_tokens"] >= tokens:
+            span = p["gen_tokens"] - prev_t
+            w = (tokens - prev_t) / span if span else 1.0
+            return prev_acc + w * (p["dev_acc2"] - prev_acc)
+        prev_t, prev_acc = p["gen_tokens"], p["dev_acc2"]
+    return None
+
+
+def cost_matched(jobs: dict[str, dict], chosen: dict[str, float], a: str, b: str) -> dict:
+    """A's last dev acc@2 minus B's at the same generated tokens, paired over the seeds both ran
+    at their chosen lr: the paper's claim per generation cost (Sec. 5), where the claims table
+    compares at equal steps (B may generate twice A's tokens)."""
+    curves = {}
+    for j in jobs.values():
+        if j["kind"] == "arm" and j["arm"] in (a, b) and chosen.get(j["arm"]) == j["lr"]:
+            curves[j["arm"], j["seed"]] = cost_curve(j)
+    diffs = []
+    for seed in sorted({s for arm, s in curves if arm == a}):
+        if (b, seed) in curves:
+            mine = curves[a, seed][-1]
+            theirs = at_tokens(curves[b, seed], mine["gen_tokens"])
+            if theirs is not None:
+                diffs.append(mine["dev_acc2"] - theirs)
+    return paired_stats(diffs)
 
 
 def rare_plots(out: str, jobs: dict[str, dict], chosen: dict[str, float]) -> list[str]:

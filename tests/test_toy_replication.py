@@ -628,3 +628,24 @@ def test_code_of_names_the_last_commit_that_changed_python(tmp_path, monkeypatch
     results = git("rev-parse", "HEAD")
     monkeypatch.setattr(toy, "ROOT", str(tmp_path))
     assert toy.code_of({results, "0" * 40}) == {"0" * 40: "unknown", results: code}
+
+
+def test_cost_matched_compares_at_the_same_generated_tokens_by_interpolation():
+    def job(arm, seed, accs, tokens_per_step):
+        steps = [{"global_step": k, "gen_tokens": tokens_per_step} for k in range(1, 5)]
+        curve = [dict(_metrics(0.0, acc), step=k) for k, acc in zip((2, 4), accs, strict=True)]
+        return {"kind": "arm", "arm": arm, "seed": seed, "lr": 1e-4, "steps": steps, "curve": curve}
+
+    # octopus generates 100 a step: its last point (0.7) at 400 tokens; no-splice generates 200 a
+    # step: 0.5 at 400 and 0.9 at 800 tokens, so at 400 it is 0.5 (seed 0). Seed 1: no-splice's
+    # first point is at 400 tokens and 0.6, its last at 0.8: at 400, 0.6.
+    jobs = {"a0": job("octopus", 0, (0.6, 0.7), 100), "b0": job("no-splice-n16", 0, (0.5, 0.9), 200),
+            "a1": job("octopus", 1, (0.6, 0.9), 100), "b1": job("no-splice-n16", 1, (0.6, 0.8), 200),
+            "other-lr": {**job("no-splice-n16", 2, (0.1, 0.1), 1), "lr": 3e-4}}  # fmt: skip
+    chosen = {"octopus": 1e-4, "no-splice-n16": 1e-4}
+    st = toy.cost_matched(jobs, chosen, "octopus", "no-splice-n16")
+    assert st["n_seeds"] == 2 and math.isclose(st["mean_diff"], (0.2 + 0.3) / 2)
+    # halfway between two validations: linear; past the curve's end: None
+    curve = toy.cost_curve(jobs["b0"])
+    assert math.isclose(toy.at_tokens(curve, 600), 0.7)
+    assert math.isclose(toy.at_tokens(curve, 200), 0.5) and toy.at_tokens(curve, 801) is None
