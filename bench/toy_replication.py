@@ -3,7 +3,7 @@ for real on the tiny Qwen3-VL, on a harder dot-counting task, from an honest col
 
     .venv/bin/python bench/toy_replication.py                  # rare regime: the experiment (resumes)
     .venv/bin/python bench/toy_replication.py --arms octopus --seeds 3 --out /tmp/re  # one job, from nothing
-    .venv/bin/python bench/toy_replication.py --quick          # 1 seed, 4 arms, 30 steps
+    .venv/bin/python bench/toy_replication.py --quick          # 1 seed, 4 arms, 30 steps: 12 min
     .venv/bin/python bench/toy_replication.py --smoke --out /tmp/toy   # every stage, 2 steps (CI)
     .venv/bin/python bench/toy_replication.py --regime dense --seeds 0,1,2   # the committed run
 
@@ -796,7 +796,7 @@ QUICK_ARMS = (
     "no-augment",
     "gspo-n16",
     "sft-only",
-)  # ~20 min on 2 quiet cores (estimated)
+)  # 718 s from an empty cache (2 cores, one other job running; bench/README.md)
 
 
 # --------------------------------------------------------------------------- data splits
@@ -2025,7 +2025,8 @@ def rare_main(args) -> None:
         f.write(md + "\n")
     print(md)
     reference = os.path.join(ROOT, "bench", "results", "regime")
-    if os.path.abspath(reference) != out:
+    # the committed jobs are full scale: a --quick or --steps run shares their names, not sizes
+    if os.path.abspath(reference) != out and args.scale_name == "full" and not args.steps:
         for line in compare_jobs(out, reference):
             print(f"[regime] rerun vs committed: {line}")
     print(f"[regime] results in {out}; wall-clock {time.time() - t0:.0f} s")
