@@ -404,44 +404,40 @@ def _equivalent_many(pairs: list[tuple[str, str]], *, workers: int, timeout_s: f
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_main() -> None:
-    """Grade lines of JSON `[pred, truth]` from stdin; answer `true`/`false` lines on stdout.
-
-    Only math-verify's LaTeX extraction is used: its plain-expression extraction hands text to
-    sympy's `parse_expr`, which is an `eval`.
-    """
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
-    from math_verify import LatexExtractionConfig, parse, verify
-
-    config = [LatexExtractionConfig(boxed_match_priority=0)]
-    out = sys.stdout
-    out.write("ready\n")
-    out.flush()
-    for line in sys.stdin:
-        pred, truth = json.loads(line)
-        try:
-            gold = parse(f"\\boxed{{{truth}}}", extraction_config=config, parsing_timeout=None)
-            answer = parse(f"\\boxed{{{pred}}}", extraction_config=config, parsing_timeout=None)
-            ok = bool(gold and answer and verify(gold, answer, timeout_seconds=None))
-        except Exception:  # any parser failure on model text means "not equivalent"
-            ok = False
-        out.write("true\n" if ok else "false\n")
-        out.flush()
+# The worker is its own small program, run with `python -c`: it does not depend on where this
+# file lies or on its `__main__`, so reward.py works wherever it is copied or vendored. It reads
+# lines of JSON `[pred, truth]` and answers `true` / `false` lines. Only math-verify's LaTeX
+# extraction is used: its plain-expression extraction hands text to sympy's `parse_expr`, an
+# `eval`. Its memory is capped (argv[1] bytes): a pathological parse dies instead of swapping.
+_WORKER_PROGRAM = r"""
+import json, resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from math_verify import LatexExtractionConfig, parse, verify
+config = [LatexExtractionConfig(boxed_match_priority=0)]
+print("ready", flush=True)
+for line in sys.stdin:
+    pred, truth = json.loads(line)
+    try:
+        gold = parse("\\boxed{" + truth + "}", extraction_config=config, parsing_timeout=None)
+        answer = parse("\\boxed{" + pred + "}", extraction_config=config, parsing_timeout=None)
+        ok = bool(gold and answer and verify(gold, answer, timeout_seconds=None))
+    except Exception:
+        ok = False
+    print("true" if ok else "false", flush=True)
+"""
 
 
 class _Worker:
     def __init__(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--grade-worker"],
+            [sys.executable, "-c", _WORKER_PROGRAM, str(WORKER_MEMORY_BYTES)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
             env=env,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
         )
         self.ready = False
 
@@ -546,7 +542,3 @@ def _grader_pool(workers: int) -> _GraderPool:
 def grader_stats() -> dict[str, int]:
     """How many items went to math-verify in this process, and how many hit the deadline."""
     return {"graded": _POOL.graded if _POOL else 0, "timeouts": _POOL.timeouts if _POOL else 0}
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--grade-worker"]:
-    _worker_main()
