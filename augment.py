@@ -6,7 +6,7 @@ samples `o1_i + SC + o2_j` (i != j) chosen so that the group holds about as many
 negatives, wrong->correct pairs first. `loss_masks` then says which tokens each sample trains
 in Stage I (o2 only, KL on o1) and Stage II (everything, except o1 + SC of w->c / c->w samples).
 
-Read top-down: Algorithm 1 step by step (`make_rollout` splits and grades one rollout,
+Read top-down: Algorithm 1 step by step (`split_rollout` splits and grades one rollout,
 `candidate_pool` lists the splices, `select_pairs` picks them, `splice_group` runs the three),
 then the masks of Sec. 4.3 (`loss_masks`), then how a splice is built, and last where o1, SC
 and o2 sit among the sampled tokens (byte offsets of a byte-level BPE tokenizer).
@@ -30,13 +30,12 @@ from reward import (
     correction_reward,
     format_reward,
     octopus_reward,
-    score,
 )
 
 
 @dataclass
-class Rollout:
-    """One generated response, split and graded.
+class SplitRollout:
+    """One generated response (a rollout), split at SC into o1 / o2 and graded.
 
     `o1` / `o2`: token ids of each part cut right after its last `\\boxed{...}` (None when the
     part has no non-empty box, or, for `o2`, when there is no correction or o2 corrects itself
@@ -77,23 +76,21 @@ class Sample:
 # =============================================================================================
 
 
-def make_rollout(
-    ids: list[int], tokenizer, ground_truth: str, *, graded: Score | None = None
-) -> Rollout:
-    """Split and grade one sampled response (Algorithm 1, step 1).
+def split_rollout(ids: list[int], tokenizer, graded: Score) -> SplitRollout:
+    """Split one sampled response at SC and label its parts (Algorithm 1, step 1), given its
+    grades `graded` (`reward.score` / `reward.score_batch` of the response's text: grading is
+    the caller's, so this module never runs the grader).
 
     `o1_sc_len` comes from character offsets of the sampled tokens (per-token byte lengths, or
     O(log n) prefix decodes for other tokenizers), so the original ids are never re-tokenized;
-    `o1` / `o2` are the cut part texts, encoded. Pass `graded` (reward.score of the same text)
-    to reuse a batch grading instead of grading again. Linear in the response's length (up to
-    the tokenizer's own encode and decode): a degenerate 1M-character response costs < 1 s.
+    `o1` / `o2` are the cut part texts, encoded. Linear in the response's length (up to the
+    tokenizer's own encode and decode): a degenerate 1M-character response costs < 1 s.
     """
     body = list(ids)
     special = set(tokenizer.all_special_ids)
     while body and body[-1] in special:  # EOS / padding: not part of the text that is graded
         body.pop()
     text = tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    graded = graded if graded is not None else score(text, ground_truth)
     o1_text, o2_text = split_response(text)
     span = sc_span(text)
     if span is None:
@@ -112,7 +109,7 @@ def make_rollout(
     o2_part = None if o2_text is not None and sc_span(o2_text) is not None else o2_text
 
     o2_correct = bool(graded.acc_o2) if o2_text is not None else False
-    return Rollout(
+    return SplitRollout(
         ids=list(ids),
         o1=encode(o1_text),
         o2=encode(o2_part),
@@ -133,7 +130,7 @@ def transition_kind(o1_correct: bool, o2_correct: bool) -> str:
 
 
 def candidate_pool(
-    rollouts: list[Rollout],
+    rollouts: list[SplitRollout],
     *,
     same: bool = False,
     max_len: int | None = None,
@@ -184,7 +181,7 @@ def select_pairs(
 
 
 def splice_group(
-    rollouts: list[Rollout],
+    rollouts: list[SplitRollout],
     n_target: int,
     sc_ids: list[int],
     eos_id: int,
@@ -194,7 +191,6 @@ def splice_group(
     concat_ids: bool = False,
     mode: str = "paper",
     max_len: int | None = None,
-    pad: bool | None = None,
 ) -> list[Sample]:
     """The training group of one prompt (arXiv 2602.08503, Sec. 3.2, Algorithm 1): the n
     originals first and unchanged, then spliced samples `o1_i + SC + o2_j + EOS` (SC's ids
@@ -209,17 +205,14 @@ def splice_group(
 
     `mode`: "paper" (balance positives and negatives, w->c first), "released" (the authors'
     code: quotas of (n - k) // 2 w->c and c->c, one c->w, then w->w, more c->w, the rest;
-    i = j pairs allowed), "random", "none".
+    i = j pairs allowed; a short pool padded to `n_target` by repeating originals), "random",
+    "none". Only "released" pads: a duplicate carries no new information, yet it counts twice
+    in the group's reward mean and std and twice in the loss.
 
     `max_len`: a candidate whose spliced sample is longer never enters the pool, so the
     selection picks among the others (`count_overlong` says how many were left out). o1 of one
     long rollout plus o2 of another can reach about twice the generation limit; the released
     code clips such samples, which cuts off the o2 answer that the reward graded. None: no limit.
-
-    `pad` (default: True for "released" only): repeat originals until the group holds
-    `n_target` samples, as the released code does. Without it a short pool leaves a smaller
-    group: a duplicate carries no new information, yet it counts twice in the group's reward
-    mean and std and twice in the loss, so it silently up-weights the samples it repeats.
     """
     if tokenizer is None and not concat_ids:
         raise ValueError("splice_group: pass the tokenizer, or concat_ids=True for id splices")
@@ -230,7 +223,7 @@ def splice_group(
     encoder = None if concat_ids else _SpliceEncoder(tokenizer)
     for i, j in select_pairs(pool, k, n, n_target, mode, rng):
         group.append(_splice(rollouts, i, j, sc_ids, eos_id, encoder))
-    if (mode == "released" if pad is None else pad) and n > 0:
+    if mode == "released" and n > 0:
         while len(group) < n_target:
             group.append(group[(len(group) - n) % n])
     return group
@@ -262,7 +255,7 @@ def loss_masks(sample: Sample, stage: str) -> tuple[list[int], list[int]]:
     raise ValueError(f"stage must be '1' or '2', got {stage!r}")
 
 
-def transition_counts(samples: list[Sample] | list[Rollout]) -> dict[str, int]:
+def transition_counts(samples: list[Sample] | list[SplitRollout]) -> dict[str, int]:
     """Counts of w->c, c->c, c->w, w->w among samples with a correction, and of those without:
     the density of self-correction signal before and after augmentation."""
     counts = {"wc": 0, "cc": 0, "cw": 0, "ww": 0, "none": 0}
@@ -276,13 +269,13 @@ def transition_counts(samples: list[Sample] | list[Rollout]) -> dict[str, int]:
 # =============================================================================================
 
 
-def spliced_len(a: Rollout, b: Rollout, sc_len: int) -> int:
+def spliced_len(a: SplitRollout, b: SplitRollout, sc_len: int) -> int:
     """Tokens of the spliced sample `a.o1 + SC + b.o2 + EOS`, with `sc_len` tokens of SC."""
     return len(a.o1) + sc_len + len(b.o2) + 1
 
 
 def count_overlong(
-    rollouts: list[Rollout], sc_ids: list[int], max_len: int, *, mode: str = "paper"
+    rollouts: list[SplitRollout], sc_ids: list[int], max_len: int, *, mode: str = "paper"
 ) -> int:
     """How many candidates `splice_group(..., mode=mode, max_len=max_len)` left out of the pool
     of this group because their spliced sample would exceed `max_len` tokens. O(n^2) length
@@ -295,21 +288,23 @@ def count_overlong(
     )
 
 
-def _pairs(rollouts: list[Rollout], same: bool) -> Iterator[tuple[int, int, Rollout, Rollout]]:
+def _pairs(
+    rollouts: list[SplitRollout], same: bool
+) -> Iterator[tuple[int, int, SplitRollout, SplitRollout]]:
     for i, a in enumerate(rollouts):
         for j, b in enumerate(rollouts):
             if a.o1 is not None and b.o2 is not None and (i != j or same):
                 yield i, j, a, b
 
 
-def _original(r: Rollout, i: int) -> Sample:
+def _original(r: SplitRollout, i: int) -> Sample:
     return Sample(
         r.ids, "original", r.o1_sc_len, r.o1_correct, r.o2_correct, (i, i), r.o1_len, r.reward
     )
 
 
 def _splice(
-    rollouts: list[Rollout],
+    rollouts: list[SplitRollout],
     i: int,
     j: int,
     sc_ids: list[int],

@@ -26,11 +26,17 @@ import json
 import os
 import sys
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-from data import decode_examples, load_examples, prompt_length, synthetic_task  # noqa: E402
-from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, SC, split_response  # noqa: E402
-from reward import answer_of, format_reward, score_batch  # noqa: E402
+from config import MAX_PIXELS, MIN_PIXELS
+from data import (
+    decode_examples,
+    load_examples,
+    max_images_of,
+    prompt_length,
+    synthetic_size,
+    synthetic_task,
+)
+from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, SC, split_response
+from reward import answer_of, format_reward, score_batch
 
 # The released o1 prompt, verbatim: the question, then this (DripNowhy/Octopus,
 # SFT/sft_in_dis_sampling.py, PROMPT_TEMPLATE; octopus.BASELINE_SUFFIX up to its newlines).
@@ -39,8 +45,6 @@ PLAIN_SUFFIX = (
     " <think> </think> tags. Then, provide your final answer enclosed within \\boxed{}.\n"
 )
 O1_SUFFIXES = {"plain": PLAIN_SUFFIX, "octopus": OCTOPUS_SUFFIX}
-MIN_PIXELS = 256 * 28 * 28  # the image range of eval.py (the released inference's)
-MAX_PIXELS = 1280 * 28 * 28
 
 STRONG_INSTRUCTION = (
     "\n\nBelow is a reference answer to this question. It may contain mistakes.\n"
@@ -214,12 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoProcessor
 
     from fsdp import free_cache
-    from octopus import max_images_of
     from rollout import VLLMEngine
 
     pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if args.data.startswith("synthetic:"):
-        examples = synthetic_task(int(args.data.split(":")[1]), seed=777, suffix="")
+    if (n := synthetic_size(args.data)) is not None:
+        examples = synthetic_task(n, seed=777, suffix="")
     else:
         examples, report = load_examples(args.data, suffix="", **pixels)
         print(f"[coldstart] {report.summary()}", file=sys.stderr)

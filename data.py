@@ -24,12 +24,13 @@ import os
 import random
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, SC, Config, max_images_of
+from config import MAX_PIXELS, MIN_PIXELS, Config
+from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, SC
 
 IMAGE_FACTOR = 32  # Qwen3-VL: patch 16 x spatial merge 2 pixels per visual token side
 QUESTION_FIELDS = ("question", "problem", "prompt", "query")
@@ -56,73 +57,165 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading rows: JSONL / JSON, parquet, HF dataset folders (save_to_disk arrow or hub parquet)
+# Rows -> examples
 # ---------------------------------------------------------------------------------------------
 
-# Rows converted to Python objects at a time: a parquet file is read batch by batch, so loading
-# holds one batch of Arrow data beside the kept examples, not the whole table twice. Without
-# pre-buffering (pyarrow caches whole column chunks by default) the resident memory grows by
-# ~1.07x the image bytes per row instead of ~1.9x (bench/data_scale.py).
-ROWS_PER_BATCH = 64
+# LLaVA-CoT-100k's responses end with the short answer inside <CONCLUSION> ... </CONCLUSION>
+# (Xkev/LLaVA-CoT-100k, train.jsonl); the cold start needs that answer as the ground truth.
+_CONCLUSION_RE = re.compile(r"<CONCLUSION>(.*?)</CONCLUSION>", re.DOTALL)
 
 
-def _data_files(path: str, split: str | None) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"dataset not found: {path}")
-    files = []
-    for ext in ("arrow", "parquet", "jsonl", "json"):
-        files += glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True)
-    files = sorted(f for f in files if os.path.basename(f) not in ("dataset_info.json", "state.json",
-                                                                    "dataset_dict.json"))  # fmt: skip
-    # hub downloads keep a cache of metadata under .cache/ (hf download --local-dir)
-    files = [f for f in files if ".cache" not in os.path.relpath(f, path).split(os.sep)]
-    if split:
-        files = [f for f in files if split in os.path.relpath(f, path)]
-    if not files:
-        raise FileNotFoundError(f"no .arrow/.parquet/.jsonl/.json data files under {path}")
-    return files
+def _first(row: dict, names: tuple[str, ...]):
+    for name in names:
+        if row.get(name) not in (None, "", []):
+            return name, row[name]
+    return None, None
 
 
-def _arrow_rows(path: str) -> Iterator[dict]:
-    import pyarrow as pa
+def conversation_fields(turns) -> tuple[str | None, str | None]:
+    """(question, answer) of a LLaVA-style `conversations` list (`{"from": "human" | "gpt",
+    "value"}`): the first human turn and the first assistant turn after it, the answer cut to
+    its `<CONCLUSION>` when it has one (LLaVA-CoT-100k). Later turns are not used."""
+    if not isinstance(turns, list):
+        return None, None
+    question = answer = None
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            continue
+        who = str(turn.get("from", turn.get("role", ""))).lower()
+        if question is None and who in ("human", "user"):
+            question = turn["value"]
+        elif question is not None and who in ("gpt", "assistant"):
+            found = _CONCLUSION_RE.search(turn["value"])
+            answer = (found.group(1) if found else turn["value"]).strip()
+            break
+    return question, answer or None
 
-    with open(path, "rb") as f:
+
+def _encoded_images(
+    row: dict, where: str, base_dir: str, min_pixels: int, max_pixels: int
+) -> list[EncodedImage]:
+    img_name, images = _first(row, IMAGE_FIELDS)
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    loaded = []
+    for k, value in enumerate(images):
+        field_at = f"{where}: field {img_name}[{k}]"
         try:
-            reader = pa.ipc.open_stream(f)  # datasets' save_to_disk writes the stream format
-        except pa.ArrowInvalid:
-            f.seek(0)
-            reader = pa.ipc.open_file(f)
-            for i in range(reader.num_record_batches):
-                yield from reader.get_batch(i).to_pylist()
-            return
-        for batch in reader:
-            yield from batch.to_pylist()
+            loaded.append(encode_image(value, base_dir, min_pixels, max_pixels, field_at))
+        except ValueError as e:
+            raise DataError(f"{field_at}: {e}") from None
+    return loaded
 
 
-def _file_rows(path: str) -> Iterator[tuple[int, dict | str]]:
-    """(row number, row) pairs; a row that is not even valid JSON comes back as its raw text."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        rows = (r for b in reader.iter_batches(ROWS_PER_BATCH) for r in b.to_pylist())
-        yield from enumerate(rows, start=1)
-    elif path.endswith(".arrow"):
-        yield from enumerate(_arrow_rows(path), start=1)
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        yield i, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield i, f"invalid JSON ({e.msg})"
+def row_to_example(
+    row: dict,
+    *,
+    where: str,
+    base_dir: str,
+    suffix: str = OCTOPUS_SUFFIX,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+) -> dict:
+    """One ViRL-39K / Geometry3K / LLaVA-CoT-style row -> example (images kept encoded).
+    `<image>` placeholders in the question place the images; without them the images come
+    first. Raises DataError naming `where`."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: {row if isinstance(row, str) else 'row is not an object'}")
+    q_name, question = _first(row, QUESTION_FIELDS)
+    _, answer = _first(row, ANSWER_FIELDS)
+    if question is None and row.get("conversations") is not None:
+        q_name = "conversations"
+        question, answer = conversation_fields(row["conversations"])
+    if question is None:
+        raise DataError(f"{where}: no question (looked for {', '.join(QUESTION_FIELDS)}, "
+                        "conversations)")  # fmt: skip
+    if answer is None:
+        raise DataError(f"{where}: no answer (looked for {', '.join(ANSWER_FIELDS)}, "
+                        "a gpt turn of conversations)")  # fmt: skip
+    loaded = _encoded_images(row, where, base_dir, min_pixels, max_pixels)
+    content: list[dict] = []
+    pieces = str(question).split("<image>")
+    if len(pieces) - 1 == len(loaded):
+        for k, piece in enumerate(pieces):
+            if piece.strip():
+                content.append({"type": "text", "text": piece.strip()})
+            if k < len(loaded):
+                content.append({"type": "image", "image": loaded[k]})
     else:
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
-        yield from enumerate(rows if isinstance(rows, list) else [rows], start=1)
+        if len(pieces) > 1:
+            raise DataError(f"{where}: field {q_name} has {len(pieces) - 1} <image> tags but "
+                            f"{len(loaded)} images")  # fmt: skip
+        content = [{"type": "image", "image": im} for im in loaded]
+        content.append({"type": "text", "text": str(question).strip()})
+    if content[-1]["type"] == "text":
+        content[-1] = {"type": "text", "text": content[-1]["text"] + suffix}
+    else:
+        content.append({"type": "text", "text": suffix.strip()})
+    example = {
+        "id": str(row.get("id", row.get("qid", where))),
+        "messages": [{"role": "user", "content": content}],
+        "answer": str(answer).strip(),
+    }
+    if row.get("category") is not None:
+        example["category"] = str(row["category"])
+    if row.get("response"):  # a cold-start target (coldstart.py): o1 + SC + o2
+        example["response"] = str(row["response"])
+    return example
+
+
+def load_examples(
+    path: str,
+    *,
+    split: str | None = None,
+    suffix: str = OCTOPUS_SUFFIX,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    limit: int | None = None,
+) -> tuple[list[dict], LoadReport]:
+    """All examples of a JSONL / JSON / parquet file or an HF dataset folder (images encoded:
+    `decode_example` gives the pixels), and the report of what was skipped and why
+    (`report.skipped` has one line per bad row)."""
+    report = LoadReport()
+    examples = []
+    for file in _data_files(path, split):
+        base_dir = os.path.dirname(os.path.abspath(file))
+        for i, row in _file_rows(file):
+            if limit is not None and len(examples) >= limit:
+                return examples, report
+            report.rows += 1
+            try:
+                examples.append(
+                    row_to_example(
+                        row,
+                        where=f"{file}:row {i}",
+                        base_dir=base_dir,
+                        suffix=suffix,
+                        min_pixels=min_pixels,
+                        max_pixels=max_pixels,
+                    )  # fmt: skip
+                )
+                report.kept += 1
+            except DataError as e:
+                report.skipped.append(str(e))
+    return examples, report
+
+
+def prompt_length(processor, example: dict) -> int:
+    """Tokens of `example`'s prompt as the model sees it: the chat template's text plus every
+    image's visual tokens, counted with the image processor's own resizing rule from the image's
+    size (encoded or decoded alike: no pixel is processed, so filtering a 39k-row dataset at
+    load costs seconds)."""
+    messages = example["messages"]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    vision = processor.image_processor
+    for m in messages:
+        for item in m["content"] if isinstance(m["content"], list) else []:
+            if item.get("type") == "image":  # one <|image_pad|> in the text stands for them all
+                image = item["image"]
+                patches = vision.get_number_of_image_patches(image.height, image.width, {})
+                n += patches // vision.merge_size**2 - 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,14 +314,6 @@ def encode_image(
     return EncodedImage(data, *target_size(width, height, min_pixels, max_pixels), where)
 
 
-def load_image(value, base_dir: str) -> Image.Image:
-    """A PIL image (pixels loaded, original size) from any value `image_source` reads, or a PIL
-    image. Raises ValueError saying what was wrong."""
-    if isinstance(value, Image.Image):
-        return value
-    return _open(image_source(value, base_dir), load=True)
-
-
 def decode_example(example: dict) -> dict:
     """`example` with every `EncodedImage` of its chat decoded into a resized RGB PIL image
     (what the processor and the engine take); PIL images pass through. Raises DataError naming
@@ -265,165 +350,73 @@ def decode_examples(examples: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Rows -> examples
+# Reading rows: JSONL / JSON, parquet, HF dataset folders (save_to_disk arrow or hub parquet)
 # ---------------------------------------------------------------------------------------------
 
-# LLaVA-CoT-100k's responses end with the short answer inside <CONCLUSION> ... </CONCLUSION>
-# (Xkev/LLaVA-CoT-100k, train.jsonl); the cold start needs that answer as the ground truth.
-_CONCLUSION_RE = re.compile(r"<CONCLUSION>(.*?)</CONCLUSION>", re.DOTALL)
+# Rows converted to Python objects at a time: a parquet file is read batch by batch, so loading
+# holds one batch of Arrow data beside the kept examples, not the whole table twice. Without
+# pre-buffering (pyarrow caches whole column chunks by default) the resident memory grows by
+# ~1.07x the image bytes per row instead of ~1.9x (bench/data_scale.py).
+ROWS_PER_BATCH = 64
 
 
-def _first(row: dict, names: tuple[str, ...]):
-    for name in names:
-        if row.get(name) not in (None, "", []):
-            return name, row[name]
-    return None, None
+def _data_files(path: str, split: str | None) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"dataset not found: {path}")
+    files = []
+    for ext in ("arrow", "parquet", "jsonl", "json"):
+        files += glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True)
+    files = sorted(f for f in files if os.path.basename(f) not in ("dataset_info.json", "state.json",
+                                                                    "dataset_dict.json"))  # fmt: skip
+    # hub downloads keep a cache of metadata under .cache/ (hf download --local-dir)
+    files = [f for f in files if ".cache" not in os.path.relpath(f, path).split(os.sep)]
+    if split:
+        files = [f for f in files if split in os.path.relpath(f, path)]
+    if not files:
+        raise FileNotFoundError(f"no .arrow/.parquet/.jsonl/.json data files under {path}")
+    return files
 
 
-def conversation_fields(turns) -> tuple[str | None, str | None]:
-    """(question, answer) of a LLaVA-style `conversations` list (`{"from": "human" | "gpt",
-    "value"}`): the first human turn and the first assistant turn after it, the answer cut to
-    its `<CONCLUSION>` when it has one (LLaVA-CoT-100k). Later turns are not used."""
-    if not isinstance(turns, list):
-        return None, None
-    question = answer = None
-    for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            continue
-        who = str(turn.get("from", turn.get("role", ""))).lower()
-        if question is None and who in ("human", "user"):
-            question = turn["value"]
-        elif question is not None and who in ("gpt", "assistant"):
-            found = _CONCLUSION_RE.search(turn["value"])
-            answer = (found.group(1) if found else turn["value"]).strip()
-            break
-    return question, answer or None
+def _arrow_rows(path: str) -> Iterator[dict]:
+    import pyarrow as pa
 
-
-def _encoded_images(
-    row: dict, where: str, base_dir: str, min_pixels: int, max_pixels: int
-) -> list[EncodedImage]:
-    img_name, images = _first(row, IMAGE_FIELDS)
-    images = [] if images is None else images if isinstance(images, list) else [images]
-    loaded = []
-    for k, value in enumerate(images):
-        field_at = f"{where}: field {img_name}[{k}]"
+    with open(path, "rb") as f:
         try:
-            loaded.append(encode_image(value, base_dir, min_pixels, max_pixels, field_at))
-        except ValueError as e:
-            raise DataError(f"{field_at}: {e}") from None
-    return loaded
+            reader = pa.ipc.open_stream(f)  # datasets' save_to_disk writes the stream format
+        except pa.ArrowInvalid:
+            f.seek(0)
+            reader = pa.ipc.open_file(f)
+            for i in range(reader.num_record_batches):
+                yield from reader.get_batch(i).to_pylist()
+            return
+        for batch in reader:
+            yield from batch.to_pylist()
 
 
-def row_to_example(
-    row: dict,
-    *,
-    where: str,
-    base_dir: str,
-    suffix: str = OCTOPUS_SUFFIX,
-    min_pixels: int = 256 * 28 * 28,
-    max_pixels: int = 1280 * 28 * 28,
-) -> dict:
-    """One ViRL-39K / Geometry3K / LLaVA-CoT-style row -> example (images kept encoded).
-    `<image>` placeholders in the question place the images; without them the images come
-    first. Raises DataError naming `where`."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: {row if isinstance(row, str) else 'row is not an object'}")
-    q_name, question = _first(row, QUESTION_FIELDS)
-    _, answer = _first(row, ANSWER_FIELDS)
-    if question is None and row.get("conversations") is not None:
-        q_name = "conversations"
-        question, answer = conversation_fields(row["conversations"])
-    if question is None:
-        raise DataError(f"{where}: no question (looked for {', '.join(QUESTION_FIELDS)}, "
-                        "conversations)")  # fmt: skip
-    if answer is None:
-        raise DataError(f"{where}: no answer (looked for {', '.join(ANSWER_FIELDS)}, "
-                        "a gpt turn of conversations)")  # fmt: skip
-    loaded = _encoded_images(row, where, base_dir, min_pixels, max_pixels)
-    content: list[dict] = []
-    pieces = str(question).split("<image>")
-    if len(pieces) - 1 == len(loaded):
-        for k, piece in enumerate(pieces):
-            if piece.strip():
-                content.append({"type": "text", "text": piece.strip()})
-            if k < len(loaded):
-                content.append({"type": "image", "image": loaded[k]})
+def _file_rows(path: str) -> Iterator[tuple[int, dict | str]]:
+    """(row number, row) pairs; a row that is not even valid JSON comes back as its raw text."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        rows = (r for b in reader.iter_batches(ROWS_PER_BATCH) for r in b.to_pylist())
+        yield from enumerate(rows, start=1)
+    elif path.endswith(".arrow"):
+        yield from enumerate(_arrow_rows(path), start=1)
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield i, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield i, f"invalid JSON ({e.msg})"
     else:
-        if len(pieces) > 1:
-            raise DataError(f"{where}: field {q_name} has {len(pieces) - 1} <image> tags but "
-                            f"{len(loaded)} images")  # fmt: skip
-        content = [{"type": "image", "image": im} for im in loaded]
-        content.append({"type": "text", "text": str(question).strip()})
-    if content[-1]["type"] == "text":
-        content[-1] = {"type": "text", "text": content[-1]["text"] + suffix}
-    else:
-        content.append({"type": "text", "text": suffix.strip()})
-    example = {
-        "id": str(row.get("id", row.get("qid", where))),
-        "messages": [{"role": "user", "content": content}],
-        "answer": str(answer).strip(),
-    }
-    if row.get("category") is not None:
-        example["category"] = str(row["category"])
-    if row.get("response"):  # a cold-start target (coldstart.py): o1 + SC + o2
-        example["response"] = str(row["response"])
-    return example
-
-
-def load_examples(
-    path: str,
-    *,
-    split: str | None = None,
-    suffix: str = OCTOPUS_SUFFIX,
-    min_pixels: int = 256 * 28 * 28,
-    max_pixels: int = 1280 * 28 * 28,
-    limit: int | None = None,
-) -> tuple[list[dict], LoadReport]:
-    """All examples of a JSONL / JSON / parquet file or an HF dataset folder (images encoded:
-    `decode_example` gives the pixels), and the report of what was skipped and why
-    (`report.skipped` has one line per bad row)."""
-    report = LoadReport()
-    examples = []
-    for file in _data_files(path, split):
-        base_dir = os.path.dirname(os.path.abspath(file))
-        for i, row in _file_rows(file):
-            if limit is not None and len(examples) >= limit:
-                return examples, report
-            report.rows += 1
-            try:
-                examples.append(
-                    row_to_example(
-                        row,
-                        where=f"{file}:row {i}",
-                        base_dir=base_dir,
-                        suffix=suffix,
-                        min_pixels=min_pixels,
-                        max_pixels=max_pixels,
-                    )  # fmt: skip
-                )
-                report.kept += 1
-            except DataError as e:
-                report.skipped.append(str(e))
-    return examples, report
-
-
-def prompt_length(processor, example: dict) -> int:
-    """Tokens of `example`'s prompt as the model sees it: the chat template's text plus every
-    image's visual tokens, counted with the image processor's own resizing rule from the image's
-    size (encoded or decoded alike: no pixel is processed, so filtering a 39k-row dataset at
-    load costs seconds)."""
-    messages = example["messages"]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    vision = processor.image_processor
-    for m in messages:
-        for item in m["content"] if isinstance(m["content"], list) else []:
-            if item.get("type") == "image":  # one <|image_pad|> in the text stands for them all
-                image = item["image"]
-                patches = vision.get_number_of_image_patches(image.height, image.width, {})
-                n += patches // vision.merge_size**2 - 1
-    return n
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+        yield from enumerate(rows if isinstance(rows, list) else [rows], start=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,8 +431,8 @@ DOTS_QUESTION_SQUARES = "How many round dots are in the image? Do not count the 
 # leaves reinforcement learning room at toy scale (bench/toy_replication.py): 128x128 (16
 # visual tokens, the tiny processor's most), 1-9 dots and up to 3 grey squares that must not be
 # counted. Every shape has a 32-pixel cell (one visual token) to itself, and the dots stay large
-# and black: with radius-6 dots and black squares the ~1M-parameter model stayed at chance
-# through 475 SFT steps; with these it learns within ~300 (README, toy-scale replication).
+# and black, the squares grey: smaller dots or black squares keep the ~1M-parameter model at
+# chance for hundreds of SFT steps.
 DOTS_VARIANTS: dict[str, dict] = {
     "easy": dict(size=96, cell=32, radius=8, max_dots=6, max_squares=0, question=DOTS_QUESTION),
     "hard": dict(size=128, cell=32, radius=8, max_dots=9, max_squares=3,
@@ -544,6 +537,28 @@ def synthetic_coldstart(
 # =============================================================================================
 
 
+def synthetic_size(spec: str) -> int | None:
+    """N of a data spec "synthetic:N" (the demo's dot counting), None for a path."""
+    if not spec.startswith("synthetic:"):
+        return None
+    try:
+        return int(spec.split(":", 1)[1])
+    except ValueError:
+        raise DataError(f"{spec!r}: expected synthetic:N with N a whole number") from None
+
+
+def max_images_of(examples: Iterable[dict]) -> int:
+    """The most images any example's chat holds, at least 1: the engine's per-prompt image
+    limit (vLLM refuses a prompt with more images than `limit_mm_per_prompt` allows). One rule
+    for every reader (rollout's engine, data's multi-stage sizing, coldstart)."""
+    counts = [
+        sum(item.get("type") == "image" for m in e["messages"] if isinstance(m["content"], list)
+            for item in m["content"])
+        for e in examples
+    ]  # fmt: skip
+    return max([1, *counts])
+
+
 def images_per_prompt(stages: list[Config]) -> int:
     """The most images one prompt holds across the data every stage of a launch reads (at least
     1). The stages of a sequence share one engine, whose per-prompt image limit vLLM fixes when
@@ -554,7 +569,7 @@ def images_per_prompt(stages: list[Config]) -> int:
         specs.append(cfg.sft_data if cfg.stage == "sft" else cfg.train_data)
         if cfg.val_data and cfg.val_every:
             specs.append(cfg.val_data)
-    files = [s for s in dict.fromkeys(specs) if s and not s.startswith("synthetic:")]
+    files = [s for s in dict.fromkeys(specs) if s and synthetic_size(s) is None]
     return max([1, *(max_images_of(load_examples(spec)[0]) for spec in files)])  # dots: 1
 
 
@@ -567,8 +582,8 @@ def load_split(
     one-line reports go (train.py: rank 0 only)."""
     suffix = OCTOPUS_SUFFIX if cfg.prompt_suffix == "octopus" else BASELINE_SUFFIX
     skipped = 0
-    if spec.startswith("synthetic:"):
-        examples = synthetic_task(int(spec.split(":")[1]), seed=seed, suffix=suffix)
+    if (n := synthetic_size(spec)) is not None:
+        examples = synthetic_task(n, seed=seed, suffix=suffix)
         if sft:
             rng = random.Random(seed)
             for e in examples:
@@ -678,3 +693,30 @@ def report_bad(where: str, rank: int, bad: list[str]) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+def missing_data(stages: list[Config]) -> list[str]:
+    """`--flag path` for each data path the stages read that does not exist (the cold start reads
+    sft_data, RL stages train_data; val_data when set and --val_every is not 0); "synthetic:N"
+    needs no file."""
+    missing = []
+    for cfg in stages:
+        needed = ["sft_data" if cfg.stage == "sft" else "train_data"]
+        for flag in needed + (["val_data"] if cfg.val_data and cfg.val_every else []):
+            path = getattr(cfg, flag)
+            if synthetic_size(path) is not None or (path and os.path.exists(path)):
+                continue
+            entry = f"--{flag} {path}" if path else f"--{flag} (empty)"
+            if entry not in missing:
+                missing.append(entry)
+    order = ("--sft_data", "--train_data", "--val_data")
+    return sorted(missing, key=lambda e: order.index(e.split()[0]))
+
+
+def missing_data_message(missing: list[str]) -> str:
+    """The one message a launch stops with when `missing_data` found something."""
+    return (
+        f'[data] not found: {", ".join(missing)}. The README section "Getting the data" has '
+        "the commands that fetch ViRL-39K, Geometry3K and LLaVA-CoT and build the cold-start "
+        "chats into these paths; or point the flags elsewhere."
+    )

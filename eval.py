@@ -32,24 +32,21 @@ import os
 import sys
 from collections import defaultdict
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-from data import (  # noqa: E402
+from config import MAX_PIXELS, MIN_PIXELS
+from data import (
     DataError,
     LoadReport,
     decode_examples,
     encode_image,
     load_examples,
+    max_images_of,
     prompt_length,
+    synthetic_size,
     synthetic_task,
 )
-from octopus import OCTOPUS_SUFFIX, SC, SC_OPEN, split_rounds  # noqa: E402
-from reward import answer_of, is_equivalent  # noqa: E402
+from octopus import OCTOPUS_SUFFIX, SC, SC_OPEN, split_rounds
+from reward import answer_of, is_equivalent
 
-# The released inference's image range, 256 to 1280 visual tokens of 28x28 pixels
-# (DripNowhy/Octopus, inference_vllm.py: the processor's min_pixels / max_pixels).
-MIN_PIXELS = 256 * 28 * 28
-MAX_PIXELS = 1280 * 28 * 28
 # Tokens kept free when deciding whether a forced round still fits the context: the continued
 # prompt is re-tokenized from text, which can differ from the sampled ids by a few tokens.
 CONTEXT_MARGIN = 16
@@ -241,8 +238,8 @@ def load_eval_data(
 ) -> list[dict]:
     """`synthetic:N`, a VLMEvalKit `.tsv` (rows of `split` only, when given), or anything data.py
     loads; bad rows are reported on stderr."""
-    if spec.startswith("synthetic:"):
-        return synthetic_task(int(spec.split(":")[1]), seed=12345)
+    if (n := synthetic_size(spec)) is not None:
+        return synthetic_task(n, seed=12345)
     if spec.endswith(".tsv"):
         report = LoadReport()
         examples = load_vlmevalkit_tsv(spec, min_pixels=min_pixels, max_pixels=max_pixels,
@@ -425,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
     from transformers import AutoProcessor
 
-    from rollout import VLLMEngine, max_images_of
+    from rollout import VLLMEngine
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():

@@ -33,8 +33,8 @@ import torch.distributed as dist
 def setup_distributed(timeout_minutes: int = 60) -> tuple[int, int, torch.device]:
     """(rank, world size, device); works without torchrun as a world of one.
 
-    On GPUs the group is device-aware, "cpu:gloo,cuda:nccl" after `set_device`, as verl does
-    (verl/workers/fsdp_workers.py): tensors on the GPU go through NCCL, the small CPU-side
+    On GPUs the group is device-aware, "cpu:gloo,cuda:nccl" after `set_device` (as in verl):
+    tensors on the GPU go through NCCL, the small CPU-side
     counts and metrics through gloo (NCCL alone fails on a CPU tensor: "No backend type
     associated with device type cpu"). The timeout covers the longest gap between two
     collectives, an HF export of the 8B model on rank 0.
@@ -248,24 +248,19 @@ def first_fit(costs: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
-def micro_batches(costs: list[int], budget: int) -> list[tuple[list[int], float]]:
-    """Micro-batches of this rank's items as `(indices, loss_scale)`: the micro-batch's loss is
-    multiplied by `loss_scale` before `backward()` (train.py says why where it does it).
+def micro_batches(costs: list[int], budget: int) -> list[tuple[list[int], bool]]:
+    """Micro-batches of this rank's items as `(indices, real)`, the same number on every rank.
 
-    Every rank runs the same number of passes. FSDP2 all-gathers parameters in each forward and
-    reduce-scatters gradients in each backward, so a rank that stopped early would leave the
-    others waiting forever; a rank with fewer micro-batches instead repeats its first item with
-    loss_scale 0 (the pass runs, nothing reaches the gradient). A real micro-batch's loss_scale
-    is the world size: FSDP averages gradients over ranks, but the losses are already divided
-    by counts summed over all ranks (loss.py's normalizers), so the average is undone and the
-    summed gradient is the gradient of the whole mini-batch, however it is split.
+    FSDP2 all-gathers parameters in each forward and reduce-scatters gradients in each
+    backward, so a rank that stopped early would leave the others waiting forever; a rank with
+    fewer micro-batches instead repeats its first item with `real=False`: the pass runs, and
+    its loss must be multiplied by 0 (`train.backward`) so that nothing reaches the gradient.
     """
     if not costs:
         raise ValueError("micro_batches: this rank has no items (each rank needs at least one)")
     batches = first_fit(costs, budget)
     n = int(all_reduce([len(batches)], op=dist.ReduceOp.MAX)[0])
-    world = float(dist.get_world_size())
-    return [(b, world) for b in batches] + [(batches[0][:1], 0.0)] * (n - len(batches))
+    return [(b, True) for b in batches] + [(batches[0][:1], False)] * (n - len(batches))
 
 
 # =============================================================================================
@@ -408,10 +403,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> int:
 def export_dtype(model) -> torch.dtype:
     """The dtype the export is written in: the one the run computed in (`load_model` records
     it), so bf16 for a GPU run, whose float32 master weights would double the checkpoint (35 GB
-    for the 8B model) for precision no bf16 forward used; float32 on CPU. verl writes its HF
-    checkpoints in bf16 too (verl/utils/checkpoint/fsdp_checkpoint_manager.py and
-    verl/model_merger/base_model_merger.py: `from_config(..., torch_dtype=torch.bfloat16)`,
-    then `save_pretrained(state_dict=...)`)."""
+    for the 8B model) for precision no bf16 forward used; float32 on CPU (verl's exports are
+    bf16 too)."""
     return getattr(model, "compute_dtype", torch.float32)
 
 
@@ -448,8 +441,7 @@ def full_weights(model, dtype: torch.dtype | None = None):
 
     With `dtype`, each floating-point shard is cast before its all-gather, so a bf16 engine
     gets bf16 over the wire: half the traffic and the temporary memory of gathering the float32
-    master weights, which verl does (verl/workers/fsdp_workers.py, `rollout_mode`:
-    `param.full_tensor()` on the master shards) and EasyR1 too (`_make_weight_iterator`). The
+    master weights (as verl and EasyR1 do). The
     engine receives the same values: vLLM's loader rounds a float32 tensor to its bf16
     parameter on `copy_` exactly as `.to(torch.bfloat16)` does (round to nearest even)."""
     for name, value in model.state_dict().items():

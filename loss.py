@@ -26,60 +26,17 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 LOG_RATIO_BOUND = 20.0  # exp(20) ~ 5e8: keeps a stray ratio finite; clipping decides the rest
+LOGPROB_CHUNK = 2048  # rows of logits turned into float32 at a time (token_logprobs)
 
 
-LOGPROB_CHUNK = 2048  # rows of logits turned into float32 at a time
-
-
-def _logprobs_fp32(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    rows = logits.float()  # (n, V)
-    if temperature != 1.0:
-        rows = rows / temperature
-    return rows.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(rows, dim=-1)  # (n,)
-
-
-def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk: int = LOGPROB_CHUNK
-) -> torch.Tensor:
-    """log p(label) per position: logits (..., T, V), labels (..., T) -> (..., T), float32.
-
-    `logits[..., t, :]` must already be the prediction of `labels[..., t]` (shifted by the caller).
-    Computed as gather - logsumexp in float32 over chunks of `chunk` positions, each under
-    activation checkpointing: backward keeps only the logits themselves (bf16 on GPU) and
-    recomputes one chunk's float32 softmax at a time, so no float32 copy of all the logits is
-    ever held. The chunks are views (`split`), whose backward is a single concatenation: linear
-    in the number of rows (indexing `logits[b]` row by row instead costs one full-size gradient
-    per row, quadratic).
-    """
-    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
-    flat_labels = labels.reshape(-1)  # (N,)
-    pieces = []
-    for rows, row_labels in zip(flat.split(chunk), flat_labels.split(chunk), strict=True):
-        if torch.is_grad_enabled() and rows.requires_grad:
-            pieces.append(  # (n,)
-                checkpoint(_logprobs_fp32, rows, row_labels, temperature, use_reentrant=False)
-            )
-        else:
-            pieces.append(_logprobs_fp32(rows, row_labels, temperature))  # (n,)
-    return torch.cat(pieces).reshape(labels.shape)  # (..., T)
-
-
-def group_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor | None = None, eps: float = 1e-6
-) -> torch.Tensor:
-    """A = (r - mean(r_group)) / (std(r_group) + eps) per sample (arXiv 2602.08503, the GRPO /
-    GSPO group baseline); std unbiased (torch.std). `group_ids` (N,) names each sample's group;
-    None: all N samples are one group. A group of one has no baseline and gets 0."""
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A = (r - mean(r)) / (std(r) + eps) over the N samples of one prompt's group (arXiv
+    2602.08503, the GRPO / GSPO group baseline); std unbiased (torch.std). rewards (N,) ->
+    (N,). A group of one has no baseline and gets 0."""
     rewards = rewards.double()  # (N,)
-    if group_ids is None:
-        group_ids = torch.zeros(len(rewards), dtype=torch.long)  # (N,)
-    adv = torch.zeros_like(rewards)  # (N,)
-    for g in torch.unique(group_ids):
-        members = group_ids == g  # (N,)
-        if members.sum() > 1:
-            r = rewards[members]
-            adv[members] = (r - r.mean()) / (r.std() + eps)
-    return adv.float()
+    if len(rewards) < 2:
+        return torch.zeros_like(rewards).float()
+    return ((rewards - rewards.mean()) / (rewards.std() + eps)).float()
 
 
 def count_for(mask: torch.Tensor, agg: str) -> torch.Tensor:
@@ -201,10 +158,14 @@ def policy_loss_with_kl(
     policy_mask: torch.Tensor,
     kl_mask: torch.Tensor,
     *,
+    ratio: str,
+    clip_low: float,
+    clip_high: float,
+    clip_dual: float = 3.0,
+    agg: str,
     kl_coef: float = 0.01,
     policy_normalizer=None,
     kl_normalizer=None,
-    **policy_kwargs,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """`policy_loss` on `policy_mask` plus `kl_coef` x the k3 KL to the reference on `kl_mask`.
 
@@ -216,11 +177,12 @@ def policy_loss_with_kl(
     Returns the loss and `policy_loss`'s metrics plus `kl_o1`, the KL's mean over `kl_mask`.
     """
     loss, metrics = policy_loss(
-        logp, old_logp, advantages, policy_mask, normalizer=policy_normalizer, **policy_kwargs
-    )
-    kl = kl_loss(logp, ref_logp, kl_mask, agg=policy_kwargs["agg"], normalizer=kl_normalizer)
+        logp, old_logp, advantages, policy_mask, ratio=ratio, clip_low=clip_low,
+        clip_high=clip_high, clip_dual=clip_dual, agg=agg, normalizer=policy_normalizer,
+    )  # fmt: skip
+    kl = kl_loss(logp, ref_logp, kl_mask, agg=agg, normalizer=kl_normalizer)
     with torch.no_grad():  # logged as this batch's own mean, whatever the normalizer
-        metrics["kl_o1"] = masked_mean(kl_k3(logp, ref_logp), kl_mask, policy_kwargs["agg"]).item()
+        metrics["kl_o1"] = masked_mean(kl_k3(logp, ref_logp), kl_mask, agg).item()
     return loss + kl_coef * kl, metrics
 
 
@@ -228,3 +190,41 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, normalizer=None) -> torch.T
     """Cold-start SFT (Sec. 4.1): mean negative log-likelihood over the trained tokens (token
     aggregation). logp (B, T) from `token_logprobs`; mask (B, T)."""
     return masked_mean(-logp, mask, "token", normalizer)
+
+
+# =============================================================================================
+# Token log-probs from logits (what the losses above take as `logp`)
+# =============================================================================================
+
+
+def _logprobs_fp32(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    rows = logits.float()  # (n, V)
+    if temperature != 1.0:
+        rows = rows / temperature
+    return rows.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(rows, dim=-1)  # (n,)
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk: int = LOGPROB_CHUNK
+) -> torch.Tensor:
+    """log p(label) per position: logits (..., T, V), labels (..., T) -> (..., T), float32.
+
+    `logits[..., t, :]` must already be the prediction of `labels[..., t]` (shifted by the caller).
+    Computed as gather - logsumexp in float32 over chunks of `chunk` positions, each under
+    activation checkpointing: backward keeps only the logits themselves (bf16 on GPU) and
+    recomputes one chunk's float32 softmax at a time, so no float32 copy of all the logits is
+    ever held. The chunks are views (`split`), whose backward is a single concatenation: linear
+    in the number of rows (indexing `logits[b]` row by row instead costs one full-size gradient
+    per row, quadratic).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    flat_labels = labels.reshape(-1)  # (N,)
+    pieces = []
+    for rows, row_labels in zip(flat.split(chunk), flat_labels.split(chunk), strict=True):
+        if torch.is_grad_enabled() and rows.requires_grad:
+            pieces.append(  # (n,)
+                checkpoint(_logprobs_fp32, rows, row_labels, temperature, use_reentrant=False)
+            )
+        else:
+            pieces.append(_logprobs_fp32(rows, row_labels, temperature))  # (n,)
+    return torch.cat(pieces).reshape(labels.shape)  # (..., T)

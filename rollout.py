@@ -1,7 +1,7 @@
 """The sampling engine: vLLM, colocated with the trainer, one engine per torchrun rank.
 
 One interface for train.py, eval.py and coldstart.py:
-    engine.generate(prompts, n, sampling) -> one group of n `Generation`s per prompt
+    engine.generate(prompts, n, sampling) -> n `Rollout`s per prompt
     engine.sync_weights(named_tensors)      push the trainer's full weights into the engine
     engine.sleep() / engine.wake(tags)      free / restore GPU memory around the update
 
@@ -23,7 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from octopus import max_images_of
+# The engine runs in the trainer's own process (colocated), so vLLM must not fork its own
+# workers; vLLM reads this when it is imported, which is when the first engine starts.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Tokens a sampled response must never contain: a vision placeholder in a response makes the
 # next training forward fail ("Image features and image tokens do not match").
@@ -36,19 +39,9 @@ FORBIDDEN_TOKENS = (
     "<|video_pad|>",
 )
 
-# The keys vLLM reads a text model's context length from; it takes the smallest one present
-# (vllm/transformers_utils/model_arch_config_convertor.py, vLLM 0.32).
-_MAX_LEN_KEYS = (
-    "max_position_embeddings",
-    "n_positions",
-    "max_seq_len",
-    "seq_length",
-    "model_max_length",
-    "max_target_positions",
-    "max_sequence_length",
-    "max_seq_length",
-    "seq_len",
-)
+# vLLM's sleep level in the RL loop: 2 discards the weights (the sync replaces them), 1 would
+# keep a host copy of them (VLLMEngine.sleep)
+SLEEP_LEVEL = 2
 
 
 @dataclass
@@ -66,8 +59,9 @@ class Sampling:
 
 
 @dataclass
-class Generation:
-    """One sampled response: token ids as sampled (EOS included when it stopped on it)."""
+class Rollout:
+    """One generated response as the engine sampled it: token ids (EOS included when it
+    stopped on it), their log-probs, the text, why it stopped."""
 
     ids: list[int]
     logprobs: list[float]  # the engine's log-prob of each sampled token
@@ -90,141 +84,6 @@ def images_of(messages: list[dict]) -> list:
         for item in m["content"]
         if item.get("type") == "image"
     ]
-
-
-def checkpoint_name(name: str) -> str:
-    """A trainer parameter name -> the checkpoint's name, which vLLM's loader maps itself.
-
-    Wrappers add prefixes (FSDP1, activation checkpointing, torch.compile) that no checkpoint
-    has; a weight pushed under such a name is silently ignored and the engine goes stale.
-    """
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(wrapper, "")
-    return name
-
-
-def model_max_len(model: str) -> int:
-    """The longest context `model` allows, as vLLM derives it: the smallest length key of the
-    text config, and the tokenizer's `model_max_length` when it is smaller. A longer
-    `max_model_len` makes vLLM refuse to start ("User-specified max_model_len ... is greater
-    than the derived max_model_len")."""
-    from transformers import AutoConfig
-
-    text = AutoConfig.from_pretrained(model).get_text_config()
-    lengths = [getattr(text, k) for k in _MAX_LEN_KEYS if isinstance(getattr(text, k, None), int)]
-    tokenizer_config = os.path.join(model, "tokenizer_config.json")
-    if os.path.isfile(tokenizer_config):
-        with open(tokenizer_config, encoding="utf-8") as f:
-            limit = json.load(f).get("model_max_length")
-        if isinstance(limit, int):
-            lengths.append(limit)
-    if not lengths:
-        raise ValueError(
-            f"{model}: the config names no context length ({', '.join(_MAX_LEN_KEYS)})"
-        )
-    return min(lengths)
-
-
-def narrow_image_size(
-    own: dict[str, int], min_pixels: int | None, max_pixels: int | None
-) -> dict[str, int]:
-    """The image processor's pixel range `own` (`shortest_edge`, `longest_edge`: areas in
-    pixels) narrowed to `[min_pixels, max_pixels]`; `own` unchanged when the two do not overlap.
-
-    Narrowing never changes how an image that data.py already resized into
-    `[min_pixels, max_pixels]` is tokenized: the engine then sees exactly the visual tokens the
-    trainer's processor (with `own`) computes; an image that was not resized (`synthetic:N`)
-    may be upscaled where the processor would not, unless the trainer's processor gets the same
-    range. Its point is memory: vLLM sizes its encoder budget and profiling run for an image of
-    `longest_edge` pixels (16.7M for Qwen3-VL-8B; 1003520 in the paper's range).
-    """
-    short = max(own["shortest_edge"], min_pixels or 0)
-    long = min(own["longest_edge"], max_pixels or own["longest_edge"])
-    if short > long:
-        return {"shortest_edge": own["shortest_edge"], "longest_edge": own["longest_edge"]}
-    return {"shortest_edge": short, "longest_edge": long}
-
-
-def check_tensor_parallel(tensor_parallel: int, world_size: int) -> None:
-    """Refuse tensor parallelism under torchrun.
-
-    vLLM's external launcher runs one engine per TP group whose ranks must send the same
-    prompts with the same seed (TRL gathers the group's prompts first: trl/trainer/
-    grpo_trainer.py, `vllm_tensor_parallel_size`; EasyR1 all-gathers the batch over the TP
-    group: verl/workers/sharding_manager/fsdp_vllm.py). Each rank here samples its own prompts
-    with its own seed, which would be silently wrong.
-    """
-    if tensor_parallel > 1 and world_size > 1:
-        raise ValueError(
-            f"tensor_parallel={tensor_parallel} under torchrun ({world_size} ranks) is not "
-            "supported: every rank samples its own prompts with its own seed, while vLLM's "
-            "external launcher needs identical prompts and seeds on the ranks of a tensor-"
-            "parallel group. Use tensor_parallel=1: one engine per GPU fits Qwen3-VL-8B on an "
-            "80 GB GPU."
-        )
-
-
-# vLLM's sleep level in the RL loop: 2 discards the weights (the sync replaces them), 1 would
-# keep a host copy of them (VLLMEngine.sleep)
-SLEEP_LEVEL = 2
-
-
-def memory_kwargs(
-    on_gpu: bool, sleep_mode: bool, gpu_memory_utilization: float, kv_cache_gb: float
-) -> dict:
-    """The engine's memory arguments to `vllm.LLM`: on GPU a share of the card and sleep mode
-    (for an engine that sleeps around the update); on CPU an explicit KV-cache size, which
-    vLLM's CPU backend cannot work out itself.
-
-    `PYTORCH_ALLOC_CONF` / `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` need nothing
-    here: vLLM 0.32 switches expandable segments off around its sleep-mode pool and back, and
-    reads the setting from the live allocator, or else from either variable, torch's newer
-    `PYTORCH_ALLOC_CONF` first (vllm/device_allocator/cumem.py, `use_memory_pool`;
-    vllm/device_allocator/alloc_conf.py, `ALLOC_CONF_ENV_VARS`; vllm-project/vllm#40812).
-    verl toggles it itself around the weight sync for older vLLMs (verl/workers/
-    fsdp_workers.py, `set_expandable_segments(False)`).
-    """
-    if not on_gpu:
-        return {"kv_cache_memory_bytes": int(kv_cache_gb * 1024**3)}
-    kwargs: dict = {"gpu_memory_utilization": gpu_memory_utilization}
-    if sleep_mode:
-        kwargs["enable_sleep_mode"] = True
-    return kwargs
-
-
-def _say(line: str) -> None:
-    """One line on stderr, from rank 0 only (every rank would print the same)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(line, file=sys.stderr)
-
-
-def clamp_model_len(model: str, max_model_len: int) -> int:
-    """`max_model_len` cut to what `model` allows, with one line saying so."""
-    limit = model_max_len(model)
-    if max_model_len > limit:
-        _say(
-            f"[engine] max_model_len {max_model_len} > {limit}, what {model} allows: using {limit}"
-        )
-        return limit
-    return max_model_len
-
-
-def image_size(model: str, min_pixels: int | None, max_pixels: int | None) -> dict | None:
-    """The image processor's `size` of `model` narrowed to `min_pixels..max_pixels` (None when
-    neither is given); a range that does not fit the processor's is refused with one line."""
-    if min_pixels is None and max_pixels is None:
-        return None
-    from transformers import AutoImageProcessor
-
-    own = AutoImageProcessor.from_pretrained(model).size
-    own = {"shortest_edge": own["shortest_edge"], "longest_edge": own["longest_edge"]}
-    wanted = (min_pixels or 0, max_pixels or own["longest_edge"])
-    if max(wanted[0], own["shortest_edge"]) > min(wanted[1], own["longest_edge"]):
-        _say(
-            f"[engine] images of {min_pixels}..{max_pixels} pixels do not fit {model}'s "
-            f"processor ({own['shortest_edge']}..{own['longest_edge']}): using its own"
-        )
-    return narrow_image_size(own, min_pixels, max_pixels)
 
 
 class VLLMEngine:
@@ -278,14 +137,12 @@ class VLLMEngine:
         self.image_size = image_size(model, min_pixels, max_pixels)
         if self.image_size is not None:
             # Qwen-VL's processor takes `size` (min/max_pixels are deprecated in transformers
-            # 5.19); vLLM 0.32 folds either into `size` (vllm/model_executor/models/qwen2_vl.py,
-            # `_get_vision_size`). EasyR1 and verl resize images before the engine instead.
+            # 5.19; vLLM 0.32 folds either into `size`)
             kwargs["mm_processor_kwargs"] = {"size": self.image_size}
         if load_format == "dummy":
-            # vLLM 0.32 normalizes pixels on the device with buffers (`visual.input_norm`) that
-            # the dummy loader fills with random values and no checkpoint holds, so no weight
-            # sync repairs them (vllm/model_executor/model_loader/dummy_loader.py,
-            # layers/fusion/mm_input_norm.py); normalizing on the host keeps them out.
+            # vLLM 0.32 normalizes pixels on the device with buffers that the dummy loader fills
+            # with random values and no checkpoint holds, so no weight sync repairs them:
+            # normalizing on the host keeps them out
             kwargs["mm_device_do_normalize"] = False
         if world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -327,7 +184,7 @@ class VLLMEngine:
         sampling: Sampling,
         *,
         prefixes: list[str] | None = None,
-    ) -> list[list[Generation]]:
+    ) -> list[list[Rollout]]:
         """n samples for each prompt (`render_prompt`'s dicts). With `prefixes`, each prompt is
         continued after its prefix (an earlier response + SC: the forced rounds of Fig. 7a);
         the returned ids and text are the continuation only. A response stops at the engine's
@@ -354,7 +211,7 @@ class VLLMEngine:
             for o in out.outputs:
                 logprobs = [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs, strict=True)]
                 reason = "stop" if o.finish_reason == "stop" else "length"
-                group.append(Generation(list(o.token_ids), logprobs, o.text, reason))
+                group.append(Rollout(list(o.token_ids), logprobs, o.text, reason))
             groups.append(group)
         return groups
 
@@ -375,21 +232,16 @@ class VLLMEngine:
     def _reset_caches(self) -> None:
         """Drop the cached prefixes and image embeddings: they belong to the old weights (a
         stale image embedding can also fail the next request with "Encoder cache miss"), and
-        the encoder cache holds GPU memory that a sleep does not free (EasyR1 drains it after
-        each sleep: verl/workers/sharding_manager/fsdp_vllm.py, `_drain_vllm_encoder_cache`)."""
+        the encoder cache holds GPU memory that a sleep does not free (EasyR1 drains it too)."""
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
 
     def sleep(self) -> None:
         """Free the engine's GPU memory for the update: the KV cache and the weights are
         discarded (vLLM's sleep level 2), since the next `sync_weights` overwrites every weight
-        anyway. Level 1 would copy the 16 GiB of bf16 weights of the 8B model to pinned host
-        memory and back every step (~130 GiB pinned on an 8-GPU node) only for the sync to
-        overwrite them; verl (verl/third_party/vllm/__init__.py: `VLLM_SLEEP_LEVEL = 2` from vLLM
-        0.8.5) and TRL (trl/trainer/grpo_trainer.py: `sleep(level=2)` after generation) sleep at
-        level 2 in the RL loop; EasyR1 still uses level 1. vLLM keeps the model's buffers (rotary
-        tables) across it (vllm/v1/worker/gpu_worker.py, `sleep`). vLLM's CPU backend has no
-        sleep mode: there only the state and the cache reset are the same, so a `generate`
+        anyway; level 1 would copy the 8B model's 16 GiB of weights to pinned host memory and
+        back every step for nothing (verl and TRL also sleep at level 2). vLLM's CPU backend has
+        no sleep mode: there only the state and the cache reset are the same, so a `generate`
         before the next sync is refused on every device."""
         if self.asleep:
             return
@@ -403,9 +255,8 @@ class VLLMEngine:
 
     def wake(self, tags: list[str] | None = None) -> None:
         """Restore memory: `["weights"]` before a sync, then `["kv_cache"]` before sampling, so
-        the KV cache is allocated after the new weights are in (EasyR1: verl/workers/
-        sharding_manager/fsdp_vllm.py, `load_vllm_and_sync_weights`; verl: verl/workers/
-        fsdp_workers.py, `rollout_mode`); None wakes both. Sampling needs both awake."""
+        the KV cache is allocated after the new weights are in (the order of verl and EasyR1);
+        None wakes both. Sampling needs both awake."""
         waking = set(self.sleeping if tags is None else tags) & self.sleeping
         if not waking:
             return
@@ -421,9 +272,10 @@ class VLLMEngine:
         del self.llm
 
 
-def engine_for(cfg, examples: list[dict], rank: int) -> VLLMEngine:
-    """This rank's colocated engine for a training stage of `cfg` (octopus.Config), with random
-    weights: train.py's first sync (or the one before the first validation) fills them."""
+def engine_for(cfg, max_images: int, rank: int) -> VLLMEngine:
+    """This rank's colocated engine for a training stage of `cfg` (config.Config), taking up to
+    `max_images` images a prompt, with random weights: train.py's first sync (or the one before
+    the first validation) fills them."""
     return VLLMEngine(
         cfg.model,
         max_model_len=cfg.max_prompt_len + cfg.max_response_len,
@@ -432,8 +284,149 @@ def engine_for(cfg, examples: list[dict], rank: int) -> VLLMEngine:
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         kv_cache_gb=cfg.kv_cache_gb,
         enforce_eager=cfg.enforce_eager or None,
-        max_images=cfg.max_images or max_images_of(examples),
+        max_images=max_images,
         min_pixels=cfg.min_pixels,
         max_pixels=cfg.max_pixels,
         load_format="dummy",
     )
+
+
+# =============================================================================================
+# The engine's helpers: names, lengths, image sizes, memory
+# =============================================================================================
+
+
+def checkpoint_name(name: str) -> str:
+    """A trainer parameter name -> the checkpoint's name, which vLLM's loader maps itself.
+
+    Wrappers add prefixes (FSDP1, activation checkpointing, torch.compile) that no checkpoint
+    has; a weight pushed under such a name is silently ignored and the engine goes stale.
+    """
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+# The keys vLLM reads a text model's context length from; it takes the smallest one present
+# (vllm/transformers_utils/model_arch_config_convertor.py, vLLM 0.32).
+_MAX_LEN_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
+
+def model_max_len(model: str) -> int:
+    """The longest context `model` allows, as vLLM derives it: the smallest length key of the
+    text config, and the tokenizer's `model_max_length` when it is smaller. A longer
+    `max_model_len` makes vLLM refuse to start ("User-specified max_model_len ... is greater
+    than the derived max_model_len")."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(model).get_text_config()
+    lengths = [getattr(text, k) for k in _MAX_LEN_KEYS if isinstance(getattr(text, k, None), int)]
+    tokenizer_config = os.path.join(model, "tokenizer_config.json")
+    if os.path.isfile(tokenizer_config):
+        with open(tokenizer_config, encoding="utf-8") as f:
+            limit = json.load(f).get("model_max_length")
+        if isinstance(limit, int):
+            lengths.append(limit)
+    if not lengths:
+        raise ValueError(
+            f"{model}: the config names no context length ({', '.join(_MAX_LEN_KEYS)})"
+        )
+    return min(lengths)
+
+
+def clamp_model_len(model: str, max_model_len: int) -> int:
+    """`max_model_len` cut to what `model` allows, with one line saying so."""
+    limit = model_max_len(model)
+    if max_model_len > limit:
+        _say(
+            f"[engine] max_model_len {max_model_len} > {limit}, what {model} allows: using {limit}"
+        )
+        return limit
+    return max_model_len
+
+
+def narrow_image_size(
+    own: dict[str, int], min_pixels: int | None, max_pixels: int | None
+) -> dict[str, int]:
+    """The image processor's pixel range `own` (`shortest_edge`, `longest_edge`: areas in
+    pixels) narrowed to `[min_pixels, max_pixels]`; `own` unchanged when the two do not overlap.
+
+    Narrowing never changes how an image that data.py already resized into
+    `[min_pixels, max_pixels]` is tokenized: the engine then sees exactly the visual tokens the
+    trainer's processor (with `own`) computes; an image that was not resized (`synthetic:N`)
+    may be upscaled where the processor would not, unless the trainer's processor gets the same
+    range. Its point is memory: vLLM sizes its encoder budget and profiling run for an image of
+    `longest_edge` pixels (16.7M for Qwen3-VL-8B; 1003520 in the paper's range).
+    """
+    short = max(own["shortest_edge"], min_pixels or 0)
+    long = min(own["longest_edge"], max_pixels or own["longest_edge"])
+    if short > long:
+        return {"shortest_edge": own["shortest_edge"], "longest_edge": own["longest_edge"]}
+    return {"shortest_edge": short, "longest_edge": long}
+
+
+def image_size(model: str, min_pixels: int | None, max_pixels: int | None) -> dict | None:
+    """The image processor's `size` of `model` narrowed to `min_pixels..max_pixels` (None when
+    neither is given); a range that does not fit the processor's is refused with one line."""
+    if min_pixels is None and max_pixels is None:
+        return None
+    from transformers import AutoImageProcessor
+
+    own = AutoImageProcessor.from_pretrained(model).size
+    own = {"shortest_edge": own["shortest_edge"], "longest_edge": own["longest_edge"]}
+    wanted = (min_pixels or 0, max_pixels or own["longest_edge"])
+    if max(wanted[0], own["shortest_edge"]) > min(wanted[1], own["longest_edge"]):
+        _say(
+            f"[engine] images of {min_pixels}..{max_pixels} pixels do not fit {model}'s "
+            f"processor ({own['shortest_edge']}..{own['longest_edge']}): using its own"
+        )
+    return narrow_image_size(own, min_pixels, max_pixels)
+
+
+def check_tensor_parallel(tensor_parallel: int, world_size: int) -> None:
+    """Refuse tensor parallelism under torchrun: vLLM's external launcher runs one engine per
+    TP group whose ranks must send the same prompts with the same seed (TRL and EasyR1 gather
+    the group's prompts first), while each rank here samples its own prompts with its own seed,
+    which would be silently wrong."""
+    if tensor_parallel > 1 and world_size > 1:
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel} under torchrun ({world_size} ranks) is not "
+            "supported: every rank samples its own prompts with its own seed, while vLLM's "
+            "external launcher needs identical prompts and seeds on the ranks of a tensor-"
+            "parallel group. Use tensor_parallel=1: one engine per GPU fits Qwen3-VL-8B on an "
+            "80 GB GPU."
+        )
+
+
+def memory_kwargs(
+    on_gpu: bool, sleep_mode: bool, gpu_memory_utilization: float, kv_cache_gb: float
+) -> dict:
+    """The engine's memory arguments to `vllm.LLM`: on GPU a share of the card and sleep mode
+    (for an engine that sleeps around the update); on CPU an explicit KV-cache size, which
+    vLLM's CPU backend cannot work out itself.
+
+    `expandable_segments:True` in `PYTORCH_ALLOC_CONF` needs nothing here: vLLM 0.32 switches
+    it off around its sleep-mode pool and back itself (vllm/device_allocator/cumem.py).
+    """
+    if not on_gpu:
+        return {"kv_cache_memory_bytes": int(kv_cache_gb * 1024**3)}
+    kwargs: dict = {"gpu_memory_utilization": gpu_memory_utilization}
+    if sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    return kwargs
+
+
+def _say(line: str) -> None:
+    """One line on stderr, from rank 0 only (every rank would print the same)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr)

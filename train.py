@@ -37,31 +37,32 @@ import os
 import random
 import sys
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # colocated: the engine in process
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch
+import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.nn.utils.rnn import pad_sequence  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from augment import (  # noqa: E402
-    Rollout,
+from augment import (
     Sample,
+    SplitRollout,
     count_overlong,
     loss_masks,
-    make_rollout,
     splice_group,
+    split_rollout,
     transition_counts,
 )
-from data import (  # noqa: E402
+from config import Config, check_config, fit_lengths, parse_args, stage_configs
+from data import (
     decode_examples,
     examples_of_step,
     images_per_prompt,
     load_stage_data,
+    max_images_of,
+    missing_data,
+    missing_data_message,
     report_bad,
 )
-from fsdp import (  # noqa: E402
+from fsdp import (
     Clock,
     Metrics,
     all_reduce,
@@ -77,28 +78,56 @@ from fsdp import (  # noqa: E402
     save_checkpoint,
     setup_distributed,
 )
-from loss import count_for, group_advantages, policy_loss, policy_loss_with_kl, sft_loss  # noqa: E402
-from octopus import (  # noqa: E402
-    SC,
-    Config,
-    check_config,
-    fit_lengths,
-    plan_launch,
-    split_response,
-)
-from packing import encode_prompt, pack, response_logprobs, segment_groups  # noqa: E402
-from reward import format_reward, score_batch, well_formed  # noqa: E402
-from rollout import (  # noqa: E402
-    Generation,
-    Sampling,
-    VLLMEngine,
-    engine_for,
-    model_max_len,
-    render_prompt,
-)
+from loss import count_for, group_advantages, policy_loss, policy_loss_with_kl, sft_loss
+from octopus import SC, split_response
+from packing import encode_prompt, pack, response_logprobs, segment_groups
+from reward import Score, format_reward, score_batch, well_formed
+from rollout import Rollout, Sampling, VLLMEngine, engine_for, model_max_len, render_prompt
 
 # =============================================================================================
-# What a step works on
+# The RL step (arXiv 2602.08503, Sec. 3-4)
+# =============================================================================================
+
+
+def rl_step(trainer: Trainer, step: int) -> dict:
+    """One RL step of Octopus or a baseline on this rank's prompts; returns the metrics row."""
+    cfg, clock = trainer.cfg, Clock()
+    # images are decoded here, not at load; a prompt whose image does not decode is left out
+    examples, bad = step_examples(trainer, step, cfg.prompts_per_step)
+    prompts = [render_prompt(trainer.processor, e["messages"]) for e in examples]
+    rng = random.Random(step_seed(cfg, step))
+
+    with clock("generate"):  # n rollouts per prompt from the engine, which then sleeps
+        rollouts = generate(trainer, prompts, step)
+    with clock("score"):  # Eq. 3 / Eq. 6 (or the baseline reward) for every rollout
+        scores = score_rollouts(trainer, examples, rollouts)
+    with clock("augment"):  # Algorithm 1: split, splice, select N; Sec. 4.3 masks; advantages
+        groups = [
+            make_group(trainer, e, p, r, s, rng)
+            for e, p, r, s in zip(examples, prompts, rollouts, scores, strict=True)
+        ]
+    minis = mini_batches_of(groups, cfg)
+    with clock("logprobs"):  # old (policy) and, with a KL, reference log-probs
+        later = [g for mini in minis[1:] for g in mini]  # the first mini-batch needs none
+        for group, old in zip(later, logprobs(trainer, later), strict=True):
+            group.old_logps = old
+        if trainer.ref_model is not None:
+            for group, ref in zip(
+                groups, logprobs(trainer, groups, trainer.ref_model), strict=True
+            ):
+                group.ref_logps = ref
+    with clock("update"):  # one optimizer step per mini-batch of the masked objective
+        stats = [update(trainer, mini, on_policy=k == 0) for k, mini in enumerate(minis)]
+        trainer.scheduler.step()
+    with clock("sync"):  # the engine wakes and takes the new weights
+        sync_engine(trainer)
+    if cfg.dump_every and (step + 1) % cfg.dump_every == 0:
+        dump_groups(trainer, step, groups)
+    return step_metrics(trainer, groups, stats, clock, bad_images=len(bad))
+
+
+# =============================================================================================
+# What a step works on: the trainer, and one prompt's group
 # =============================================================================================
 
 
@@ -108,7 +137,7 @@ class Trainer:
 
     cfg: Config
     model: torch.nn.Module  # the policy, FSDP2-sharded
-    ref_model: torch.nn.Module | None  # Stage I's frozen reference (the stage's start)
+    ref_model: torch.nn.Module | None  # the frozen reference, when `cfg.uses_reference`
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     engine: VLLMEngine  # this rank's colocated sampler
@@ -121,85 +150,37 @@ class Trainer:
 
 
 @dataclasses.dataclass
-class Item:
-    """One trained sample as the update sees it; masks and log-probs run over `ids`."""
-
-    ids: list[int]  # the response tokens (o1 + SC + o2 + EOS for a spliced sample)
-    advantage: float
-    policy_mask: torch.Tensor  # (len(ids),) 1 = the policy loss trains this token
-    kl_mask: torch.Tensor  # (len(ids),) 1 = the KL to the reference covers this token
-    old_logp: torch.Tensor | None = None  # (len(ids),) the policy at the step's weights
-    ref_logp: torch.Tensor | None = None  # (len(ids),) the reference (Stage I)
-
-
-@dataclasses.dataclass
 class Group:
-    """One prompt and its training group D (Algorithm 1): the unit of the RL step."""
+    """One prompt and its training group D (Algorithm 1): the unit of the RL step. The lists
+    from `samples` on run in step: entry k of each belongs to `samples[k]`, and masks and
+    log-probs run over `samples[k].ids` (the response tokens)."""
 
     example: dict
-    prompt: dict  # the processor's tensors of the prompt, shared by every item
-    generations: list[Generation]  # the n rollouts as sampled (with the engine's log-probs)
-    rollouts: list[Rollout]  # the same, split into o1 / o2 and graded
-    samples: list[Sample]  # originals first, then spliced; items[k] trains samples[k]
-    items: list[Item]
+    prompt: dict  # the processor's tensors of the prompt, shared by every sample
+    rollouts: list[Rollout]  # the n generated, as sampled (with the engine's log-probs)
+    split: list[SplitRollout]  # the same n, split at SC and graded
+    samples: list[Sample]  # the N trained: originals first, then splices
+    advantages: list[float] = dataclasses.field(default_factory=list)
+    policy_masks: list[torch.Tensor] = dataclasses.field(default_factory=list)  # 1 = trained
+    kl_masks: list[torch.Tensor] = dataclasses.field(default_factory=list)  # 1 = in the KL
+    old_logps: list[torch.Tensor] | None = None  # the policy at the step's weights
+    ref_logps: list[torch.Tensor] | None = None  # the reference, when there is one
     too_long: int = 0  # splice candidates left out for exceeding max_response_len
 
 
-# =============================================================================================
-# The RL step (arXiv 2602.08503, Sec. 3-4)
-# =============================================================================================
-
-
-def rl_step(t: Trainer, step: int) -> dict:
-    """One RL step of Octopus or a baseline on this rank's prompts; returns the metrics row."""
-    cfg, clock = t.cfg, Clock()
-    # images are decoded here, not at load; a prompt whose image does not decode is left out
-    examples, bad = step_examples(t, step, cfg.prompts_per_step)
-    prompts = [render_prompt(t.processor, e["messages"]) for e in examples]
-    rng = random.Random(step_seed(cfg, step))
-
-    with clock("generate"):  # n rollouts per prompt from the engine, which then sleeps
-        generations = generate(t, prompts, step)
-    with clock("score"):  # Eq. 3 / Eq. 6 (or the baseline reward) for every rollout
-        scores = score_rollouts(t, examples, generations)
-    with clock("augment"):  # Algorithm 1: split, splice, select N; Sec. 4.3 masks; advantages
-        groups = [
-            make_group(t, e, p, g, s, rng)
-            for e, p, g, s in zip(examples, prompts, generations, scores, strict=True)
-        ]
-    minis = mini_batches_of(groups, cfg)
-    with clock("logprobs"):  # old (policy) and, with a KL, reference log-probs
-        later = [g for mini in minis[1:] for g in mini]  # the first mini-batch needs none
-        for group, old in zip(later, logprobs(t, later), strict=True):
-            for item, lp in zip(group.items, old, strict=True):
-                item.old_logp = lp
-        if t.ref_model is not None:
-            for group, ref in zip(groups, logprobs(t, groups, t.ref_model), strict=True):
-                for item, lp in zip(group.items, ref, strict=True):
-                    item.ref_logp = lp
-    with clock("update"):  # one optimizer step per mini-batch of the masked objective
-        stats = [update(t, mini, on_policy=k == 0) for k, mini in enumerate(minis)]
-        t.scheduler.step()
-    with clock("sync"):  # the engine wakes and takes the new weights
-        sync_engine(t)
-    if cfg.dump_every and (step + 1) % cfg.dump_every == 0:
-        dump_groups(t, step, groups)
-    return step_metrics(t, groups, stats, clock, bad_images=len(bad))
-
-
-def generate(t: Trainer, prompts: list[dict], step: int) -> list[list[Generation]]:
+def generate(trainer: Trainer, prompts: list[dict], step: int) -> list[list[Rollout]]:
     """n rollouts per prompt (training sampling: temperature 1.0, top-p 1.0), then the engine
     sleeps so the update has the GPU memory."""
-    cfg = t.cfg
+    cfg = trainer.cfg
     # the engine samples from torch's RNG: seeded per step and rank, a run is reproducible
     torch.manual_seed(step_seed(cfg, step))
-    t.engine.wake()
+    trainer.engine.wake()
     sampling = Sampling(
         temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_len
     )
-    groups = t.engine.generate(prompts, cfg.n_rollouts, sampling)
-    t.engine.sleep()
-    return groups
+    rollouts = trainer.engine.generate(prompts, cfg.n_rollouts, sampling)
+    trainer.engine.sleep()
+    return rollouts
 
 
 def step_seed(cfg: Config, step: int) -> int:
@@ -208,50 +189,56 @@ def step_seed(cfg: Config, step: int) -> int:
     return cfg.seed * 7919 + step * dist.get_world_size() + dist.get_rank()
 
 
-def score_rollouts(t: Trainer, examples: list[dict], generations: list[list[Generation]]):
-    """reward.score for every rollout, one batch for the whole step (grouped like `generations`)."""
-    tok = t.processor.tokenizer
-    texts = [tok.decode(g.ids, skip_special_tokens=True) for group in generations for g in group]
-    truths = [e["answer"] for e, group in zip(examples, generations, strict=True) for _ in group]
-    flat = score_batch(texts, truths, kind=t.cfg.reward_kind)
-    n = t.cfg.n_rollouts
+def score_rollouts(
+    trainer: Trainer, examples: list[dict], rollouts: list[list[Rollout]]
+) -> list[list[Score]]:
+    """reward.score for every rollout, one batch for the whole step (grouped like `rollouts`)."""
+    tok = trainer.processor.tokenizer
+    texts = [tok.decode(r.ids, skip_special_tokens=True) for group in rollouts for r in group]
+    truths = [e["answer"] for e, group in zip(examples, rollouts, strict=True) for _ in group]
+    flat = score_batch(texts, truths, kind=trainer.cfg.reward_kind)
+    n = trainer.cfg.n_rollouts
     return [flat[k * n : (k + 1) * n] for k in range(len(examples))]
 
 
-def make_group(t: Trainer, example: dict, prompt: dict, generations, scores, rng) -> Group:
+def make_group(
+    trainer: Trainer,
+    example: dict,
+    prompt: dict,
+    rollouts: list[Rollout],
+    scores: list[Score],
+    rng: random.Random,
+) -> Group:
     """One prompt's training group: Algorithm 1's splicing and selection, the masks of
     Sec. 4.3, and the group advantages `(r - mean) / (std + 1e-6)` over the N samples."""
-    cfg, tok = t.cfg, t.processor.tokenizer
-    rollouts = [
-        make_rollout(g.ids, tok, example["answer"], graded=s)
-        for g, s in zip(generations, scores, strict=True)
-    ]
+    cfg, tok = trainer.cfg, trainer.processor.tokenizer
+    split = [split_rollout(r.ids, tok, s) for r, s in zip(rollouts, scores, strict=True)]
     sc_ids = tok.encode(SC, add_special_tokens=False)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     samples = splice_group(
-        rollouts, cfg.n_train, sc_ids, eos, tokenizer=tok, rng=rng,
+        split, cfg.n_train, sc_ids, eos, tokenizer=tok, rng=rng,
         concat_ids=not cfg.canonical_splices, mode=cfg.augment, max_len=cfg.max_response_len,
     )  # fmt: skip
-    too_long = count_overlong(rollouts, sc_ids, cfg.max_response_len, mode=cfg.augment)
+    too_long = count_overlong(split, sc_ids, cfg.max_response_len, mode=cfg.augment)
     advantages = group_advantages(torch.tensor([s.reward for s in samples]))  # (N,)
-    items = []
-    for sample, advantage in zip(samples, advantages.tolist(), strict=True):
+    group = Group(example, encode_prompt(trainer.processor, prompt), rollouts, split, samples)
+    group.advantages, group.too_long = advantages.tolist(), too_long
+    for sample in samples:
         policy, kl = loss_masks(sample, cfg.stage)
         if cfg.kl_tokens == "response":
             kl = [1] * len(sample.ids)
-        masks = [torch.tensor(m, dtype=torch.float32) for m in (policy, kl)]
-        items.append(Item(sample.ids, advantage, *masks))
-    prompt = encode_prompt(t.processor, prompt)
-    return Group(example, prompt, generations, rollouts, samples, items, too_long)
+        group.policy_masks.append(torch.tensor(policy, dtype=torch.float32))
+        group.kl_masks.append(torch.tensor(kl, dtype=torch.float32))
+    return group
 
 
-def step_examples(t: Trainer, step: int, per_step: int) -> tuple[list[dict], list[str]]:
+def step_examples(trainer: Trainer, step: int, per_step: int) -> tuple[list[dict], list[str]]:
     """This rank's examples of `step`, images decoded (data.examples_of_step); an RL rank needs
     one per mini-batch to stay in step with the others' collectives."""
-    cfg, rank, world = t.cfg, dist.get_rank(), dist.get_world_size()
+    cfg, rank, world = trainer.cfg, dist.get_rank(), dist.get_world_size()
     need = 1 if cfg.stage == "sft" else max(cfg.prompts_per_step // cfg.mini_batch_prompts, 1)
     where = f"[{cfg.stage}] step {step + 1}"
-    return examples_of_step(t.train, step, per_step, cfg.seed, rank, world, need, where)
+    return examples_of_step(trainer.train, step, per_step, cfg.seed, rank, world, need, where)
 
 
 def mini_batches_of(groups: list[Group], cfg: Config) -> list[list[Group]]:
@@ -269,28 +256,26 @@ def mini_batches_of(groups: list[Group], cfg: Config) -> list[list[Group]]:
 # =============================================================================================
 
 
-def update(t: Trainer, groups: list[Group], *, on_policy: bool = False) -> dict:
+def update(trainer: Trainer, groups: list[Group], *, on_policy: bool = False) -> dict:
     """One optimizer step on one mini-batch: gradients, clipping (1.0), AdamW; the gradients
     are freed right after, before generation needs the memory."""
-    t.model.train()  # gradient checkpointing only acts in train mode
-    stats = accumulate_gradients(t, groups, on_policy=on_policy)
-    grad_norm, skipped = optimizer_step(t)
+    trainer.model.train()  # gradient checkpointing only acts in train mode
+    stats = accumulate_gradients(trainer, groups, on_policy=on_policy)
+    grad_norm, skipped = optimizer_step(trainer)
     return {**stats, "grad_norm": grad_norm, "skipped_steps": float(skipped)}
 
 
-def optimizer_step(t: Trainer) -> tuple[float, bool]:
+def optimizer_step(trainer: Trainer) -> tuple[float, bool]:
     """Clip the gradients to `grad_clip`, then AdamW, then free the gradients; returns the
     global gradient norm (before clipping) and whether the step was skipped.
 
     A NaN or inf norm (a bf16 overflow, a corrupt sample) would reach AdamW and poison every
     weight and both moments for good: that step is skipped instead, on every rank together, and
-    its gradients are dropped (EasyR1: verl/workers/actor/dp_actor.py, `_optimizer_step`; verl:
-    the same function zeroes the gradients and skips `optimizer.step()`). The learning-rate
-    schedule still advances, as in both (verl/workers/fsdp_workers.py, `update_actor`:
-    `lr_scheduler.step()` after the update, whatever it did). After `max_nonfinite_steps` skipped steps in a row the run stops: the
-    weights or the data are broken, and skipping forever would only hide it.
+    its gradients are dropped; the learning-rate schedule still advances (as verl and EasyR1
+    do). After `max_nonfinite_steps` skipped steps in a row the run stops: the weights or the
+    data are broken, and skipping forever would only hide it.
     """
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.cfg.grad_clip)
     # the norm of sharded (DTensor) gradients is reduced over all ranks: every rank sees it
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     grad_norm = float(grad_norm)
@@ -298,13 +283,13 @@ def optimizer_step(t: Trainer) -> tuple[float, bool]:
     # leave the ranks with different shards of different models
     skipped = all_reduce([float(not math.isfinite(grad_norm))], op=dist.ReduceOp.MAX)[0] > 0
     if not skipped:
-        t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    t.nonfinite_in_a_row = t.nonfinite_in_a_row + 1 if skipped else 0
-    limit = t.cfg.max_nonfinite_steps
-    if limit and t.nonfinite_in_a_row >= limit:
+        trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.nonfinite_in_a_row = trainer.nonfinite_in_a_row + 1 if skipped else 0
+    limit = trainer.cfg.max_nonfinite_steps
+    if limit and trainer.nonfinite_in_a_row >= limit:
         raise FloatingPointError(
-            f"{t.nonfinite_in_a_row} optimizer steps in a row had a non-finite gradient norm "
+            f"{trainer.nonfinite_in_a_row} optimizer steps in a row had a non-finite gradient norm "
             f"({grad_norm}) and were skipped (--max_nonfinite_steps {limit}): the weights or "
             "the data are broken. Resume from the last checkpoint with a lower --lr, or find "
             "the rows of these steps (samples.jsonl, --dump_every 1)."
@@ -312,7 +297,7 @@ def optimizer_step(t: Trainer) -> tuple[float, bool]:
     return grad_norm, skipped
 
 
-def accumulate_gradients(t: Trainer, groups: list[Group], *, on_policy: bool = False) -> dict:
+def accumulate_gradients(trainer: Trainer, groups: list[Group], *, on_policy: bool = False) -> dict:
     """Backward of the masked objective over this rank's share of one mini-batch.
 
     Policy loss on the policy mask (Eq. 2 / Eq. 5 with the Sec. 4.3 masks) plus, with a
@@ -322,84 +307,96 @@ def accumulate_gradients(t: Trainer, groups: list[Group], *, on_policy: bool = F
     the very weights the old log-probs would come from, so its own log-probs, detached, are
     the old ones (ratio exactly 1, no separate pass, no noise from another micro-batch shape).
     """
-    cfg = t.cfg
-    items = [it for g in groups for it in g.items]
+    cfg, dev = trainer.cfg, trainer.device
+    if on_policy:
+        for g in groups:
+            g.old_logps = [None] * len(g.samples)
     policy_count, kl_count = all_reduce(
         [
-            sum(float(count_for(it.policy_mask[None], cfg.agg)) for it in items),
-            sum(float(count_for(it.kl_mask[None], cfg.agg)) for it in items),
+            sum(float(count_for(m[None], cfg.agg)) for g in groups for m in g.policy_masks),
+            sum(float(count_for(m[None], cfg.agg)) for g in groups for m in g.kl_masks),
         ]
     )
-    kw = dict(ratio=cfg.ratio, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-              clip_dual=cfg.clip_dual, agg=cfg.agg)  # fmt: skip
-    stats, real_passes, dev = {}, 0, t.device
-    pairs = [(g.prompt, [it.ids for it in g.items]) for g in groups]
+    stats, real_passes = {}, 0
+    sequences = [(g.prompt, [s.ids for s in g.samples]) for g in groups]
     budget = cfg.update_token_budget
-    for segments, logps, loss_scale in forward_micro_batches(t, t.model, pairs, budget):
-        batch = [groups[g].items[k] for g, ks in segments for k in ks]
-        if on_policy and loss_scale:
-            for it, lp in zip(batch, logps, strict=True):
-                it.old_logp = lp.detach().cpu()
+    for segments, logps, real in forward_micro_batches(trainer, trainer.model, sequences, budget):
+        batch = [(groups[g], k) for g, ks in segments for k in ks]
+        if on_policy and real:
+            for (g, k), lp in zip(batch, logps, strict=True):
+                g.old_logps[k] = lp.detach().cpu()
         logp = pad_sequence(logps, batch_first=True)  # (B, R)
-        old = [lp.detach() for lp in logps] if on_policy else [it.old_logp for it in batch]
+        old = [lp.detach() for lp in logps] if on_policy else [g.old_logps[k] for g, k in batch]
         old = pad(old, dev)  # (B, R)
-        policy_mask = pad([it.policy_mask for it in batch], dev)  # (B, R)
-        advantages = torch.tensor([it.advantage for it in batch], device=dev)  # (B,)
-        if t.ref_model is not None:
-            ref = pad([it.ref_logp for it in batch], dev)  # (B, R)
-            kl_mask = pad([it.kl_mask for it in batch], dev)  # (B, R)
+        policy_mask = pad([g.policy_masks[k] for g, k in batch], dev)  # (B, R)
+        advantages = torch.tensor([g.advantages[k] for g, k in batch], device=dev)  # (B,)
+        clip = dict(ratio=cfg.ratio, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                    clip_dual=cfg.clip_dual, agg=cfg.agg)  # fmt: skip
+        if trainer.ref_model is not None:
+            ref = pad([g.ref_logps[k] for g, k in batch], dev)  # (B, R)
+            kl_mask = pad([g.kl_masks[k] for g, k in batch], dev)  # (B, R)
             loss, m = policy_loss_with_kl(logp, old, ref, advantages, policy_mask, kl_mask,
-                                          kl_coef=cfg.kl_coef, policy_normalizer=policy_count,
-                                          kl_normalizer=kl_count, **kw)  # fmt: skip
+                                          **clip, kl_coef=cfg.kl_coef,
+                                          policy_normalizer=policy_count,
+                                          kl_normalizer=kl_count)  # fmt: skip
         else:
-            loss, m = policy_loss(logp, old, advantages, policy_mask, normalizer=policy_count, **kw)
-        # loss_scale: the world size undoes FSDP's average over ranks, since the normalizers
-        # already count every rank; 0 marks a pass that only keeps the ranks' collectives in step
-        (loss * loss_scale).backward()
-        if loss_scale:
+            loss, m = policy_loss(logp, old, advantages, policy_mask, **clip,
+                                  normalizer=policy_count)  # fmt: skip
+        backward(loss, real)
+        if real:
             real_passes += 1
             for name, value in m.items():
                 stats[name] = stats.get(name, 0.0) + value
     return {k: v / max(real_passes, 1) for k, v in stats.items() if k != "tokens"}
 
 
+def backward(loss: torch.Tensor, real: bool) -> None:
+    """`loss.backward()`, scaled for FSDP: FSDP averages gradients over ranks, but the losses
+    are already divided by counts summed over all ranks (loss.py's normalizers), so the world
+    size undoes the average and the summed gradient is the whole mini-batch's, however it is
+    split. A pass that is not `real` (fsdp.micro_batches) only keeps the ranks' collectives in
+    step: its loss is multiplied by 0."""
+    (loss * (dist.get_world_size() if real else 0.0)).backward()
+
+
 def forward_micro_batches(
-    t: Trainer, model, groups: list[tuple[dict, list[list[int]]]], budget: int
+    trainer: Trainer, model, sequences: list[tuple[dict, list[list[int]]]], budget: int
 ):
-    """Yield `(segments, logps, loss_scale)` per micro-batch of `groups`, each a prompt's tensors
-    and its responses' ids: `segments` lists the micro-batch's `(group, response indices)`,
+    """Yield `(segments, logps, real)` per micro-batch of `sequences` (each a prompt's tensors
+    and its responses' ids): `segments` lists the micro-batch's `(group, response indices)`,
     `logps` the log-probs of those responses' tokens (one (n,) tensor each, in segment order),
-    `loss_scale` what the micro-batch's loss is multiplied by (fsdp.micro_batches).
+    `real` False for a pass that only keeps the ranks in step (fsdp.micro_batches).
 
     The batching words (mini-batch -> micro-batch -> segment) are packing.py's. Each group's
     prompt runs once per micro-batch it appears in, not once per sample: with 16 samples per
     prompt that removes most of the prompt tokens of the update and of both log-prob passes.
     """
-    prompt_lens = [prompt["input_ids"].shape[1] for prompt, _ in groups]
-    response_lens = [[len(ids) for ids in responses] for _, responses in groups]
-    cut = segment_groups(prompt_lens, response_lens, budget, shared=t.cfg.shared_prompt)
+    prompt_lens = [prompt["input_ids"].shape[1] for prompt, _ in sequences]
+    response_lens = [[len(ids) for ids in responses] for _, responses in sequences]
+    cut = segment_groups(prompt_lens, response_lens, budget, shared=trainer.cfg.shared_prompt)
     costs = [prompt_lens[g] + sum(response_lens[g][k] for k in ks) for g, ks in cut]
     rope_index = model.model.get_rope_index
-    for indices, loss_scale in micro_batches(costs, budget):
+    for indices, real in micro_batches(costs, budget):
         segments = [cut[i] for i in indices]
-        rows = [(groups[g][0], [groups[g][1][k] for k in ks]) for g, ks in segments]
+        rows = [(sequences[g][0], [sequences[g][1][k] for k in ks]) for g, ks in segments]
         packed = pack(rows, rope_index)  # the micro-batch in one row (packing.py)
-        yield segments, response_logprobs(model, packed, t.device, t.cfg.temperature), loss_scale
+        temperature = trainer.cfg.temperature
+        yield segments, response_logprobs(model, packed, trainer.device, temperature), real
 
 
 @torch.no_grad()
-def logprobs(t: Trainer, groups: list[Group], model=None) -> list[list[torch.Tensor]]:
-    """log-probs of every item of `groups` under `model` (default: the policy), per group and
-    item, on the CPU. Eval mode: nothing to checkpoint without gradients."""
+def logprobs(trainer: Trainer, groups: list[Group], model=None) -> list[list[torch.Tensor]]:
+    """log-probs of every sample of `groups` under `model` (default: the policy), per group and
+    sample, on the CPU. Eval mode: nothing to checkpoint without gradients."""
     if not groups:  # every rank has the same mini-batch structure: all skip together
         return []
-    model = model if model is not None else t.model
+    model = model if model is not None else trainer.model
     model.eval()
-    out = [[None] * len(g.items) for g in groups]
-    pairs = [(g.prompt, [it.ids for it in g.items]) for g in groups]
-    budget = t.cfg.logprob_token_budget
-    for segments, logps, loss_scale in forward_micro_batches(t, model, pairs, budget):
-        if loss_scale:  # 0: a pass that only keeps the ranks in step, its results dropped
+    out = [[None] * len(g.samples) for g in groups]
+    sequences = [(g.prompt, [s.ids for s in g.samples]) for g in groups]
+    budget = trainer.cfg.logprob_token_budget
+    for segments, logps, real in forward_micro_batches(trainer, model, sequences, budget):
+        if real:
             at = iter(logps)
             for g, ks in segments:
                 for k in ks:
@@ -415,19 +412,16 @@ def pad(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return pad_sequence([r.to(device) for r in rows], batch_first=True)
 
 
-def sync_engine(t: Trainer) -> None:
+def sync_engine(trainer: Trainer) -> None:
     """Trainer weights -> engine: free the cache, wake the weights, load them (gathered in the
     engine's dtype: bf16 on GPUs, half the traffic of float32), free the cache again, wake the
-    KV cache. The order of EasyR1 (verl/workers/sharding_manager/fsdp_vllm.py,
-    `load_vllm_and_sync_weights`: empty_cache, wake_up(["weights"]), load, `del` the gathered
-    weights and empty_cache, wake_up(["kv_cache"])), TRL and verl: the KV cache is allocated
-    after the weights are in, and after the sync's temporaries are handed back (vLLM 0.32's
-    wake-up empties the cache itself too: vllm/device_allocator/cumem.py, `wake_up`)."""
+    KV cache, which is so allocated after the weights are in and after the sync's temporaries
+    are handed back (the order of EasyR1, verl and TRL)."""
     free_cache()
-    t.engine.wake(["weights"])
-    t.engine.sync_weights(full_weights(t.model, dtype=t.engine.dtype))
+    trainer.engine.wake(["weights"])
+    trainer.engine.sync_weights(full_weights(trainer.model, dtype=trainer.engine.dtype))
     free_cache()
-    t.engine.wake(["kv_cache"])
+    trainer.engine.wake(["kv_cache"])
 
 
 # =============================================================================================
@@ -436,7 +430,7 @@ def sync_engine(t: Trainer) -> None:
 
 
 def step_metrics(
-    t: Trainer, groups: list[Group], stats: list[dict], clock: Clock, bad_images: int = 0
+    trainer: Trainer, groups: list[Group], stats: list[dict], clock: Clock, bad_images: int = 0
 ) -> dict:
     """The step's row: rewards and accuracies of the generated rollouts, w->c and the other
     transitions before and after splicing, the loss statistics, the engine/trainer log-prob gap,
@@ -445,7 +439,8 @@ def step_metrics(
     m = Metrics()
     m.add_total("bad_images", bad_images)
     for g in groups:
-        for r, gen, item in zip(g.rollouts, g.generations, g.items, strict=False):
+        # the originals come first among the samples: old_logps[k] is rollout k's
+        for r, gen, old in zip(g.split, g.rollouts, g.old_logps, strict=False):
             m.add("reward", r.reward)
             m.add("acc_o1", float(r.o1_correct))
             m.add("acc_final", float(r.final_correct))
@@ -459,10 +454,10 @@ def step_metrics(
                 m.add("format_o2", r.o2_format)
             m.add("response_len", len(gen.ids))
             m.add("truncated", float(gen.finish_reason == "length"))
-            if gen.ids:  # the originals come first; a large gap means a stale engine
-                gap = (item.old_logp - torch.tensor(gen.logprobs)).abs().mean()
+            if gen.ids:  # a large gap between engine and trainer means a stale engine
+                gap = (old - torch.tensor(gen.logprobs)).abs().mean()
                 m.add("logprob_gap", float(gap))
-        for name, value in transition_counts(g.rollouts).items():
+        for name, value in transition_counts(g.split).items():
             m.add_total(f"gen_{name}", value)  # w->c etc. among generated rollouts
         for name, value in transition_counts(g.samples).items():
             m.add_total(f"train_{name}", value)  # ... and among trained samples
@@ -477,27 +472,29 @@ def step_metrics(
         m.add(f"time_{phase}", seconds)
     row = m.reduce()
     row["skipped_steps"] = row_skipped  # optimizer steps of this RL step skipped (NaN/inf norm)
-    row["lr"] = t.scheduler.get_last_lr()[0]
-    row["data_skipped"] = t.skipped_rows
+    row["lr"] = trainer.scheduler.get_last_lr()[0]
+    row["data_skipped"] = trainer.skipped_rows
     return row
 
 
-def dump_groups(t: Trainer, step: int, groups: list[Group]) -> None:
+def dump_groups(trainer: Trainer, step: int, groups: list[Group]) -> None:
     """A few trained groups as readable JSON lines in `out_dir/samples.jsonl` (rank 0): the
     original and spliced texts, kind, reward, advantage, and which part the policy loss trains."""
     if dist.get_rank() != 0:
         return
-    tok = t.processor.tokenizer
-    with open(os.path.join(t.cfg.out_dir, "samples.jsonl"), "a") as f:
-        for g in groups[: t.cfg.dump_groups]:
+    tok = trainer.processor.tokenizer
+    with open(os.path.join(trainer.cfg.out_dir, "samples.jsonl"), "a") as f:
+        for g in groups[: trainer.cfg.dump_groups]:
             rows = []
-            for s, it in zip(g.samples, g.items, strict=True):
-                trained = int(it.policy_mask.sum())
+            for s, advantage, policy, kl in zip(
+                g.samples, g.advantages, g.policy_masks, g.kl_masks, strict=True
+            ):
+                trained = int(policy.sum())
                 cut = len(s.ids) - trained if 0 < trained < len(s.ids) else 0
                 trains = "all" if cut == 0 and trained else ("none" if not trained else "o2")
                 rows.append(dict(kind=s.kind, source=list(s.source), reward=round(s.reward, 4),
-                                 advantage=round(it.advantage, 4), trains=trains,
-                                 kl_tokens=int(it.kl_mask.sum()),
+                                 advantage=round(advantage, 4), trains=trains,
+                                 kl_tokens=int(kl.sum()),
                                  masked_text=tok.decode(s.ids[:cut]) if cut else "",
                                  trained_text=tok.decode(s.ids[cut:])))  # fmt: skip
             content = g.example["messages"][0]["content"]
@@ -511,23 +508,23 @@ def dump_groups(t: Trainer, step: int, groups: list[Group]) -> None:
 # =============================================================================================
 
 
-def validate(t: Trainer, step: int) -> dict:
+def validate(trainer: Trainer, step: int) -> dict:
     """Sampled accuracy of o1 (acc@1) and of the final answer (acc@2), the w->c and c->w rates,
     how often the model corrects itself, reward and format on the validation prompts, spread
     over the ranks."""
-    cfg, tok = t.cfg, t.processor.tokenizer
+    cfg, tok = trainer.cfg, trainer.processor.tokenizer
     rank, world = dist.get_rank(), dist.get_world_size()
-    val = t.val[: cfg.val_max_prompts] if cfg.val_max_prompts else t.val
+    val = trainer.val[: cfg.val_max_prompts] if cfg.val_max_prompts else trainer.val
     mine, bad = decode_examples(val[rank::world])
     report_bad(f"[val] step {step + 1}", rank, bad)
     metrics = Metrics()
     metrics.add_total("val_bad_images", len(bad))
     if mine:
-        prompts = [render_prompt(t.processor, e["messages"]) for e in mine]
+        prompts = [render_prompt(trainer.processor, e["messages"]) for e in mine]
         torch.manual_seed(cfg.seed + 104_729 * (step + 1) + rank)
         top_p, max_len = cfg.val_top_p, cfg.max_response_len
         sampling = Sampling(temperature=cfg.val_temperature, top_p=top_p, max_tokens=max_len)
-        groups = t.engine.generate(prompts, cfg.val_n, sampling)
+        groups = trainer.engine.generate(prompts, cfg.val_n, sampling)
         texts = [tok.decode(g.ids, skip_special_tokens=True) for group in groups for g in group]
         truths = [e["answer"] for e in mine for _ in range(cfg.val_n)]
         for text, s in zip(texts, score_batch(texts, truths, kind="baseline"), strict=True):
@@ -549,39 +546,42 @@ def validate(t: Trainer, step: int) -> dict:
 # =============================================================================================
 
 
-def sft_step(t: Trainer, step: int) -> dict:
+def sft_step(trainer: Trainer, step: int) -> dict:
     """One optimizer step of the cold start: mean NLL over the response tokens of the batch."""
-    cfg, tok = t.cfg, t.processor.tokenizer
+    cfg, tok = trainer.cfg, trainer.processor.tokenizer
     clock = Clock()
     with clock("update"):
-        examples, bad = step_examples(t, step, cfg.sft_batch)
+        examples, bad = step_examples(trainer, step, cfg.sft_batch)
         eos = tok.convert_tokens_to_ids("<|im_end|>")
-        pairs = [  # (prompt, [response]): the chat's response is the one sample of its prompt
+        sequences = [  # (prompt, [response]): the chat's response is the one sample of its prompt
             (
-                encode_prompt(t.processor, render_prompt(t.processor, e["messages"])),
+                encode_prompt(trainer.processor, render_prompt(trainer.processor, e["messages"])),
                 [tok.encode(e["response"], add_special_tokens=False)[: cfg.sft_max_len] + [eos]],
             )
             for e in examples
         ]
-        total = all_reduce([sum(len(ids[0]) for _, ids in pairs)])[0]
+        total = all_reduce([sum(len(ids[0]) for _, ids in sequences)])[0]
         budget = cfg.update_token_budget
-        t.model.train()
+        trainer.model.train()
         loss_sum = 0.0
-        for _, logps, loss_scale in forward_micro_batches(t, t.model, pairs, budget):
+        model = trainer.model
+        for _, logps, real in forward_micro_batches(trainer, model, sequences, budget):
             logp = pad_sequence(logps, batch_first=True)  # (B, R)
-            mask = pad([torch.ones(len(lp)) for lp in logps], t.device)  # (B, R)
+            mask = pad([torch.ones(len(lp)) for lp in logps], trainer.device)  # (B, R)
             loss = sft_loss(logp, mask, normalizer=total)  # mean NLL over the whole batch
-            (loss * loss_scale).backward()  # loss_scale: as in accumulate_gradients
-            loss_sum += loss.item() * bool(loss_scale)  # this rank's share of the global mean
-        grad_norm, skipped = optimizer_step(t)
-        t.scheduler.step()
+            backward(loss, real)
+            loss_sum += loss.item() * real  # this rank's share of the global mean
+        grad_norm, skipped = optimizer_step(trainer)
+        trainer.scheduler.step()
     m = Metrics()
     m.add_total("sft_loss", loss_sum)  # the shares of all ranks add up to the global mean
     m.add_total("bad_images", len(bad))
     m.add("time_update", clock.seconds["update"])
     row = m.reduce()
-    row.update(grad_norm=grad_norm, skipped_steps=float(skipped), lr=t.scheduler.get_last_lr()[0])
-    row.update(data_skipped=t.skipped_rows, engine_asleep=float(t.engine.asleep))
+    row.update(
+        grad_norm=grad_norm, skipped_steps=float(skipped), lr=trainer.scheduler.get_last_lr()[0]
+    )
+    row.update(data_skipped=trainer.skipped_rows, engine_asleep=float(trainer.engine.asleep))
     return row
 
 
@@ -593,7 +593,7 @@ def sft_step(t: Trainer, step: int) -> dict:
 def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLMEngine]:
     """Train one stage ("sft", "1" or "2") from `cfg.model`. Returns the exported checkpoint and
     the engine, which a following stage reuses (a sync replaces its weights)."""
-    t, start, total_steps = build_trainer(cfg, engine)
+    trainer, start, total_steps = build_trainer(cfg, engine)
     rank, sft = dist.get_rank(), cfg.stage == "sft"
     wandb = None
     if rank == 0 and cfg.wandb_project:
@@ -604,13 +604,13 @@ def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLME
     steps = range(start, total_steps)
     bar = tqdm(steps, desc=f"stage {cfg.stage}", initial=start, total=total_steps, disable=rank > 0)
     for step in bar:
-        row = sft_step(t, step) if sft else rl_step(t, step)
-        if cfg.val_every and t.val and (step + 1) % cfg.val_every == 0:
+        row = sft_step(trainer, step) if sft else rl_step(trainer, step)
+        if cfg.val_every and trainer.val and (step + 1) % cfg.val_every == 0:
             if sft:  # RL steps end with a sync; SFT wakes the engine only to validate
-                sync_engine(t)
-            row.update(validate(t, step))
+                sync_engine(trainer)
+            row.update(validate(trainer, step))
             if sft:
-                t.engine.sleep()
+                trainer.engine.sleep()
         row = {"stage": cfg.stage, "step": step + 1, **row}
         log_row(cfg.out_dir, row)
         if wandb:
@@ -619,7 +619,14 @@ def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLME
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in shown})
         if cfg.save_every and (step + 1) % cfg.save_every == 0:
             keep = cfg.keep_checkpoints
-            save_checkpoint(cfg.out_dir, step + 1, t.model, t.optimizer, t.scheduler, keep=keep)
+            save_checkpoint(
+                cfg.out_dir,
+                step + 1,
+                trainer.model,
+                trainer.optimizer,
+                trainer.scheduler,
+                keep=keep,
+            )
         if sft and (cfg.sft_stop_acc or cfg.sft_stop_format) and "val_acc_final" in row:
             acc, fmt = row["val_acc_final"], row["val_sc_format"]
             if acc >= cfg.sft_stop_acc and fmt >= cfg.sft_stop_format:
@@ -627,9 +634,9 @@ def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLME
                 break
     export = os.path.join(cfg.out_dir, "export")
     if cfg.export:
-        export_hf(t.model, t.processor, export)
+        export_hf(trainer.model, trainer.processor, export)
         log0(f"[{cfg.stage}] exported {export}")
-    return export, t.engine
+    return export, trainer.engine
 
 
 def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Trainer, int, int]:
@@ -654,28 +661,27 @@ def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Traine
 
     kw = dict(gradient_checkpointing=cfg.gradient_checkpointing, freeze_vision=cfg.freeze_vision)
     model = load_model(cfg.model, device, **kw)
-    uses_kl = cfg.kl_coef > 0 and (cfg.stage == "1" or cfg.kl_tokens == "response")
-    ref_model = load_model(cfg.model, device, trainable=False) if uses_kl and not sft else None
+    ref_model = load_model(cfg.model, device, trainable=False) if cfg.uses_reference else None
     optimizer, scheduler = make_optimizer(model, cfg, total_steps)
     start = 0
     ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if ckpt:
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
         log0(f"[{cfg.stage}] resumed from {ckpt} (step {start})")
-    engine = engine or engine_for(cfg, train + val, rank)
+    engine = engine or engine_for(cfg, cfg.max_images or max_images_of(train + val), rank)
     if engine.image_size is not None:  # the trainer tokenizes images exactly as the engine does
         processor.image_processor.size = dict(engine.image_size)
     parts = (model, ref_model, optimizer, scheduler, engine, processor, device, train, val)
-    t = Trainer(cfg, *parts, skipped_rows=skipped)
+    trainer = Trainer(cfg, *parts, skipped_rows=skipped)
     if sft:
-        t.engine.sleep()  # the cold start samples only to validate: the engine sleeps till then
+        trainer.engine.sleep()  # the cold start samples only to validate: the engine sleeps till then
     else:
-        sync_engine(t)  # a new, reused or resumed engine must serve these weights
+        sync_engine(trainer)  # a new, reused or resumed engine must serve these weights
     log0(
         f"[{cfg.stage}] {len(train)} examples ({skipped} rows skipped), steps {start}.."
         f"{total_steps}, {world} ranks, {device}"
     )
-    return t, start, total_steps
+    return trainer, start, total_steps
 
 
 def make_optimizer(model, cfg: Config, total_steps: int):
@@ -731,6 +737,31 @@ def export_only(cfg: Config) -> None:
         raise SystemExit(f"no complete checkpoint under {cfg.out_dir}/checkpoints")
     load_checkpoint(ckpt, model, optimizer, scheduler)
     export_hf(model, AutoProcessor.from_pretrained(cfg.model), os.path.join(cfg.out_dir, "export"))
+
+
+def plan_launch(argv: list[str], doc: str = "") -> tuple[list[Config], bool] | None:
+    """What a launch of train.py runs: the stages' configs and whether it only exports. None
+    for `--dry_run`, which prints each stage's config (rank 0) and what data is missing. Missing
+    data stops the launch here, before any model loads: one message, no traceback."""
+    name, overrides, flags = parse_args(argv, doc)
+    stages = stage_configs(name, overrides)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank runs this
+    missing = missing_data(stages)
+    if flags["dry_run"]:
+        for cfg in stages:
+            check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            if rank0:
+                print(json.dumps(dataclasses.asdict(cfg)))
+        if missing and rank0:
+            print(missing_data_message(missing), file=sys.stderr)
+        return None
+    if missing and not flags["export_only"]:
+        if rank0:
+            print(missing_data_message(missing), file=sys.stderr, flush=True)
+        # exit status 1 alone; under torchrun 0, since a failed child makes the launcher print
+        # its own traceback (ChildFailedError) under the message and bury it
+        sys.exit(0 if "TORCHELASTIC_RUN_ID" in os.environ else 1)
+    return stages, flags["export_only"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from augment import make_rollout, splice_group  # noqa: E402
+from augment import splice_group, split_rollout  # noqa: E402
 from octopus import SC  # noqa: E402
 from reward import score_batch  # noqa: E402
 from tiny import build_tiny  # noqa: E402
@@ -54,10 +54,7 @@ def main() -> None:
     t0 = time.perf_counter()
     scores = score_batch(texts, [truths[i // n] for i in range(len(texts))], workers=2)
     t1 = time.perf_counter()
-    rollouts = [
-        make_rollout(x, tok, truths[i // n], graded=s)
-        for i, (x, s) in enumerate(zip(ids, scores, strict=True))
-    ]
+    rollouts = [split_rollout(x, tok, s) for i, (x, s) in enumerate(zip(ids, scores, strict=True))]
     t2 = time.perf_counter()
     samples = 0
     for p in range(prompts):
@@ -73,12 +70,12 @@ def main() -> None:
     print("| --- | --- | --- |")
     for name, dt in (
         ("score_batch", t1 - t0),
-        ("make_rollout", t2 - t1),
+        ("split_rollout", t2 - t1),
         ("splice_group", t3 - t2),
     ):
         print(f"| {name} | {dt:.2f} | {1000 * dt / len(ids):.2f} |")
     print(
-        f"| augment total (make_rollout + splice) | {t3 - t1:.2f} | {1000 * (t3 - t1) / len(ids):.2f} |"
+        f"| augment total (split_rollout + splice) | {t3 - t1:.2f} | {1000 * (t3 - t1) / len(ids):.2f} |"
     )
 
 

@@ -88,7 +88,7 @@ def measure(path: str, mode: str, tiny: str) -> dict:
     from transformers import AutoProcessor
 
     import data
-    from octopus import preset
+    from config import preset
 
     processor = AutoProcessor.from_pretrained(tiny)
     cfg = preset("octopus-8b-stage1", max_prompt_len=100_000)

@@ -45,7 +45,7 @@ from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from octopus import PRESETS, Config, preset  # noqa: E402
+from config import PRESETS, Config, preset  # noqa: E402
 
 GIB = 1024**3
 LOGPROB_CHUNK = 2048  # loss.LOGPROB_CHUNK (not imported: the plan needs no torch)

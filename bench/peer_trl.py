@@ -55,7 +55,7 @@ PHASES = ["generate", "score", "logprobs", "update", "sync", "other"]
 
 def our_config(model: str, steps: int, out_dir: str):
     """train.py's GSPO baseline (`gspo-n8`) at the demo's scale, sequence-level ratio (Eq. 2)."""
-    from octopus import preset
+    from config import preset
 
     return preset(
         "gspo-n8", model=model, out_dir=out_dir, resume=False, val_data="",
@@ -97,7 +97,7 @@ def run_ours(model: str, steps: int, out_dir: str) -> dict:
     step_metrics = train.step_metrics
 
     def keep_tokens(t, groups, stats, clock, **kw):
-        tokens.append(sum(len(it.ids) for g in groups for it in g.items))
+        tokens.append(sum(len(s.ids) for g in groups for s in g.samples))
         return step_metrics(t, groups, stats, clock, **kw)
 
     train.step_metrics = keep_tokens

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from augment import make_rollout, splice_group, transition_counts  # noqa: E402
+from augment import splice_group, split_rollout, transition_counts  # noqa: E402
 from data import synthetic_task  # noqa: E402
 from octopus import SC  # noqa: E402
 from reward import score_batch  # noqa: E402
@@ -44,12 +44,7 @@ def main() -> None:
         scores = score_batch(
             [tok.decode(g.ids, skip_special_tokens=True) for g in group], [e["answer"]] * len(group)
         )
-        rollouts.append(
-            [
-                make_rollout(g.ids, tok, e["answer"], graded=s)
-                for g, s in zip(group, scores, strict=True)
-            ]
-        )
+        rollouts.append([split_rollout(g.ids, tok, s) for g, s in zip(group, scores, strict=True)])
     generated = [r for group in rollouts for r in group]
     print(
         f"machine: {os.cpu_count()} cores, CPU; model {args.model}; {args.prompts} prompts x n = {args.n}, N = {2 * args.n}"

@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-from octopus import preset  # noqa: E402
+from config import preset  # noqa: E402
 
 PHASES = ["generate", "score", "augment", "logprobs", "update", "sync"]
 

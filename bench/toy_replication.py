@@ -77,8 +77,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from coldstart import o1_prompts, question_row  # noqa: E402
+from config import PRESETS  # noqa: E402
 from data import DOTS_VARIANTS, synthetic_answer, synthetic_task  # noqa: E402
-from octopus import BASELINE_SUFFIX, PRESETS, SC, split_response  # noqa: E402
+from octopus import BASELINE_SUFFIX, SC, split_response  # noqa: E402
 from reward import answer_of, score  # noqa: E402
 
 VARIANT = "hard"  # data.DOTS_VARIANTS: 128x128, 1-9 black dots, up to 3 grey squares
@@ -207,13 +208,13 @@ class Oracle:
     gives it and writes a correct, well-formed o2. No model, so no o2 is ever wrong."""
 
     def generate(self, prompts, n, sampling, prefixes=None):
-        from rollout import Generation
+        from rollout import Rollout
 
         out = []
         for p in prompts:
             truth = _TRUTH_RE.search(p["prompt"])
             text = synthetic_answer(truth.group(1)) if truth else "I cannot tell."
-            out.append([Generation([], [], text, "stop") for _ in range(n)])
+            out.append([Rollout([], [], text, "stop") for _ in range(n)])
         return out
 
 
@@ -245,7 +246,7 @@ def coldstart_job(work: str, seed: int, scale: dict) -> None:
 
     import coldstart
     import train
-    from octopus import preset
+    from config import preset
     from rollout import Sampling, VLLMEngine
     from tiny import build_tiny
 
@@ -359,7 +360,7 @@ def arm_configs(arm: str, seed: int, scale: dict, work: str) -> list:
     """The Config of each RL stage of `arm` (octopus.preset + SHARED + the arm's changes); the
     first stage's model is the arm's starting checkpoint, a later stage's is filled in when the
     earlier one ends."""
-    from octopus import preset
+    from config import preset
 
     d = seed_dir(work, seed)
     start, _ = ARMS[arm]
@@ -1005,7 +1006,7 @@ def evaluate(engine, model: str, data: str, *, suffix: str, temperature: float, 
     """Sampled accuracy and format of `model` on `data` (train.validate, `n` samples per
     prompt, the first `prompts` prompts or all with 0)."""
     import train
-    from octopus import preset
+    from config import preset
 
     ev = preset("gspo-n8", **{**SHARED, "val_temperature": temperature, "val_top_p": top_p},
                 model=model, train_data=data, val_data=data, prompt_suffix=suffix, val_n=n,
@@ -1073,7 +1074,7 @@ def rare_cold_job(
     from transformers import AutoProcessor
 
     import train
-    from octopus import preset
+    from config import preset
     from rollout import VLLMEngine
     from tiny import build_tiny
 
@@ -1294,7 +1295,7 @@ def rare_start_job(work: str, seed: int, scale: dict, out: str, provenance: dict
 def rare_arm_configs(arm: str, seed: int, scale: dict, work: str, lr: float) -> list:
     """The Config of each RL stage of `arm` in the rare regime: SHARED at `lr`, the dev curve
     (`dev_curve` prompts, T 0.6, every `val_every` steps), the arm's changes."""
-    from octopus import preset
+    from config import preset
 
     start, _ = ARMS[arm]
     out = []
@@ -1326,10 +1327,10 @@ def _count_compute(train_module) -> None:
 
     def counting_group(*args, **kwargs):
         g = make_group(*args, **kwargs)
-        acc["trained_samples"] = acc.get("trained_samples", 0) + len(g.items)
-        acc["trained_tokens"] = acc.get("trained_tokens", 0) + sum(len(i.ids) for i in g.items)
+        acc["trained_samples"] = acc.get("trained_samples", 0) + len(g.samples)
+        acc["trained_tokens"] = acc.get("trained_tokens", 0) + sum(len(s.ids) for s in g.samples)
         acc["trained_policy_tokens"] = acc.get("trained_policy_tokens", 0) + int(
-            sum(float(i.policy_mask.sum()) for i in g.items)
+            sum(float(m.sum()) for m in g.policy_masks)
         )
         return g
 

@@ -29,8 +29,9 @@ import torch  # noqa: E402
 import fsdp  # noqa: E402
 import packing  # noqa: E402
 import train  # noqa: E402
+from augment import Sample  # noqa: E402
+from config import preset  # noqa: E402
 from data import synthetic_task  # noqa: E402
-from octopus import preset  # noqa: E402
 from packing import encode_prompt  # noqa: E402
 from rollout import render_prompt  # noqa: E402
 
@@ -79,12 +80,16 @@ def groups_for(processor, shape: dict, seed: int = 0) -> list[train.Group]:
             + text["text"]
         )
         prompt = encode_prompt(processor, render_prompt(processor, e["messages"]))
-        items = []
-        for _ in range(shape["per_group"]):
+        group = train.Group(e, prompt, [], [], [], old_logps=[])
+        for j in range(shape["per_group"]):
             n = rng.randint(*shape["response"])
-            items.append(train.Item(torch.randint(0, plain, (n,), generator=g).tolist(), rng.gauss(0, 1),
-                                    torch.ones(n), torch.zeros(n), -torch.rand(n, generator=g) * 3))  # fmt: skip
-        out.append(train.Group(e, prompt, [], [], [], items))
+            ids = torch.randint(0, plain, (n,), generator=g).tolist()
+            group.samples.append(Sample(ids, "original", None, False, False, (j, j)))
+            group.advantages.append(rng.gauss(0, 1))
+            group.policy_masks.append(torch.ones(n))
+            group.kl_masks.append(torch.zeros(n))
+            group.old_logps.append(-torch.rand(n, generator=g) * 3)
+        out.append(group)
     return out
 
 
@@ -162,7 +167,7 @@ def main() -> None:
         t = train.Trainer(cfg, model, None, optimizer, scheduler, None, processor, device, [], [])
         for shape_name in args.shapes.split(","):
             groups = groups_for(processor, SHAPES[shape_name])
-            tokens = sum(len(it.ids) for g in groups for it in g.items)
+            tokens = sum(len(s.ids) for g in groups for s in g.samples)
             prompt_len = groups[0].prompt["input_ids"].shape[1]
             base = None
             for variant, shared, logprob_fn in (
@@ -176,7 +181,7 @@ def main() -> None:
                 dt = statistics.median(timed_update(t, groups) for _ in range(args.reps))
                 base = base or dt
                 prompts_run = prompt_len * (
-                    len(groups) if shared else sum(len(g.items) for g in groups)
+                    len(groups) if shared else sum(len(g.samples) for g in groups)
                 )
                 print(f"| {name} | {shape_name} | {variant} | {prompts_run} | {tokens} | {tokens / dt:.0f} | "
                       f"{dt:.2f} | {base / dt:.2f}x |", flush=True)  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rollout import FORBIDDEN_TOKENS, Generation, checkpoint_name
+from rollout import FORBIDDEN_TOKENS, Rollout, checkpoint_name
 
 
 class HFEngine:
@@ -35,7 +35,7 @@ class HFEngine:
         return bool(self.sleeping)
 
     @torch.no_grad()
-    def generate(self, prompts, n, sampling, *, prefixes=None) -> list[list[Generation]]:
+    def generate(self, prompts, n, sampling, *, prefixes=None) -> list[list[Rollout]]:
         if self.asleep:
             raise RuntimeError("generate() while the engine sleeps")
         tok = self.processor.tokenizer
@@ -66,7 +66,7 @@ class HFEngine:
                     -1, torch.tensor(ids, device=scores.device)[:, None]
                 )
                 stop = "stop" if ids and ids[-1] == eos else "length"
-                group.append(Generation(ids, logp[:, 0].tolist(), tok.decode(ids), stop))
+                group.append(Rollout(ids, logp[:, 0].tolist(), tok.decode(ids), stop))
             groups.append(group)
         return groups
 

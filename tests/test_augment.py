@@ -11,24 +11,24 @@ from hypothesis import strategies as st
 
 import augment
 from augment import (
-    Rollout,
     Sample,
+    SplitRollout,
     candidate_pool,
     count_overlong,
     loss_masks,
-    make_rollout,
     spliced_len,
+    split_rollout,
     transition_counts,
 )
 from octopus import SC
-from reward import score_batch
+from reward import score, score_batch
 
 SC_IDS = [900, 901, 902]
 EOS = 999
 
 
 def splice_group(
-    rollouts: list[Rollout], n_target: int, sc_ids: list[int], eos_id: int, **kw
+    rollouts: list[SplitRollout], n_target: int, sc_ids: list[int], eos_id: int, **kw
 ) -> list[Sample]:
     """augment.splice_group with the parts' ids concatenated (`concat_ids=True`, the released
     code's splice, no tokenizer): the `fake` rollouts below are made-up ids with no text to
@@ -38,22 +38,24 @@ def splice_group(
     )
 
 
-def fake(i: int, o1: bool | None, o2: bool | None, *, has_sc: bool | None = None) -> Rollout:
-    """Rollout i: o1 / o2 correctness (None: the part has no box); ids are distinct per rollout."""
+def fake(i: int, o1: bool | None, o2: bool | None, *, has_sc: bool | None = None) -> SplitRollout:
+    """SplitRollout i: o1 / o2 correctness (None: the part has no box); ids are distinct per rollout."""
     has_sc = (o2 is not None) if has_sc is None else has_sc
     a = [10 * i + 1, 10 * i + 2] if o1 is not None else None
     b = [10 * i + 5, 10 * i + 6, 10 * i + 7] if o2 is not None else None
     ids = (a or [10 * i]) + (SC_IDS + (b or [10 * i + 9]) if has_sc else []) + [EOS]
     final = bool(o2) if has_sc else bool(o1)
     o1_sc_len = len(a or [0]) + len(SC_IDS) if has_sc else None
-    return Rollout(ids, a, b, bool(o1), bool(o2), final, o1_sc_len, len(a or [0]), 0.0, 1.0, 1.0)
+    return SplitRollout(
+        ids, a, b, bool(o1), bool(o2), final, o1_sc_len, len(a or [0]), 0.0, 1.0, 1.0
+    )
 
 
 def group_kinds(group: list[Sample]) -> Counter:
     return Counter(s.kind for s in group if s.kind != "original")
 
 
-def check_spliced(group: list[Sample], rollouts: list[Rollout], *, allow_same: bool = False):
+def check_spliced(group: list[Sample], rollouts: list[SplitRollout], *, allow_same: bool = False):
     """Sample by sample: originals first and unchanged; spliced ids, kind, o1_sc_len exact."""
     n = len(rollouts)
     for i, s in enumerate(group[:n]):
@@ -73,7 +75,7 @@ def check_spliced(group: list[Sample], rollouts: list[Rollout], *, allow_same: b
         assert s.kind == ("c" if a.o1_correct else "w") + ("c" if b.o2_correct else "w")
 
 
-def pattern(n: int, k: int) -> list[Rollout]:
+def pattern(n: int, k: int) -> list[SplitRollout]:
     """o1 alternates wrong/correct; o2 is correct for the first k rollouts."""
     return [fake(i, o1=i % 2 == 1, o2=i < k) for i in range(n)]
 
@@ -151,18 +153,15 @@ def test_empty_pool_released_repeats_originals():
     assert all(s.kind == "original" for s in released)
 
 
-def test_pad_flag_changes_the_group_size():
-    # no rollout has an o2: the pool is empty, so only padding can fill the group
-    rollouts = [fake(i, i % 2 == 0, None) for i in range(4)]
-    padded = splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), mode="paper", pad=True)
-    assert [s.source for s in padded] == [(i, i) for i in range(4)] * 2
-    kw = dict(rng=random.Random(0), mode="released", pad=False)
-    unpadded = splice_group(rollouts, 8, SC_IDS, EOS, **kw)
-    assert len(unpadded) == 4
-    # short pool: 3 candidates for 4 places; padding repeats original 3 (index (7 - 4) % 4)
+def test_only_released_mode_pads_a_short_pool():
+    # short pool: 3 candidates for 4 places. "paper" leaves a group of 7; "released" (whose pool
+    # also has the i = j pairs) fills it and pads by repeating originals
     short = [fake(0, False, True), fake(1, True, None), fake(2, False, None), fake(3, False, None)]
-    group = splice_group(short, 8, SC_IDS, EOS, mode="paper", rng=random.Random(0), pad=True)
-    assert len(group) == 8 and group[7].kind == "original" and group[7].source == (3, 3)
+    paper = splice_group(short, 8, SC_IDS, EOS, mode="paper", rng=random.Random(0))
+    assert len(paper) == 7 and all(s.kind != "original" for s in paper[4:])
+    empty = [fake(i, i % 2 == 0, None) for i in range(4)]  # no o2 anywhere: the pool is empty
+    released = splice_group(empty, 8, SC_IDS, EOS, mode="released", rng=random.Random(0))
+    assert [s.source for s in released] == [(i, i) for i in range(4)] * 2
 
 
 def test_released_mode_quota_order():
@@ -194,7 +193,7 @@ def test_spliced_reward_is_eq6_with_guards():
 # --------------------------------------------------------------------------- max_len
 
 
-def long_pattern() -> list[Rollout]:
+def long_pattern() -> list[SplitRollout]:
     """pattern(4, 2) (k = 2) where rollout 0's o2 has 10 tokens and rollout 1's o1 has 8.
 
     Spliced lengths (o1 + 3 SC + o2 + EOS): 2 + 3 + 3 + 1 = 9 for ordinary pairs, 16 for
@@ -247,7 +246,8 @@ def test_max_len_boundary_and_empty_pool():
     # 8 is below every spliced length: nothing enters, the paper group keeps its originals
     assert count_overlong(rollouts, SC_IDS, 8) == 12
     assert len(splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), max_len=8)) == 4
-    padded = splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), max_len=8, pad=True)
+    padded = splice_group(rollouts, 8, SC_IDS, EOS, rng=random.Random(0), max_len=8,
+                          mode="released")  # fmt: skip
     assert [s.source for s in padded] == [(i, i) for i in range(4)] * 2
     assert count_overlong(rollouts, SC_IDS, 8, mode="none") == 0
 
@@ -393,15 +393,26 @@ def test_invariants_every_mode(g, mode):
 
 # --------------------------------------------------------------------------- real tokenizer
 
+
+def graded_rollout(ids: list[int], tokenizer, truth: str) -> SplitRollout:
+    """`split_rollout` of sampled `ids`, graded as the trainer grades them (the text without
+    its trailing EOS / padding, against `truth`)."""
+    special = set(tokenizer.all_special_ids)
+    body = list(ids)
+    while body and body[-1] in special:
+        body.pop()
+    return split_rollout(ids, tokenizer, score(tokenizer.decode(body), truth))
+
+
 O1 = "<think>\nI count 3 dots.\n</think>\n\n\\boxed{3}"
 O2 = "<think>\nLook again: 4 dots.\n</think>\n\n\\boxed{4}"
 
 
-def test_make_rollout_with_real_tokenizer(tokenizer):
+def test_split_rollout_with_real_tokenizer(tokenizer):
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text = O1 + " is my answer." + SC + O2 + " Final."
     ids = tokenizer.encode(text, add_special_tokens=False) + [eos]
-    r = make_rollout(ids, tokenizer, "4")
+    r = graded_rollout(ids, tokenizer, "4")
     assert (r.o1_correct, r.o2_correct, r.final_correct) == (False, True, True)
     assert tokenizer.decode(ids[r.o1_sc_len :]).startswith(O2)
     # ".\n" is one token straddling o1 and SC: it is left out of the KL's o1 tokens
@@ -417,7 +428,7 @@ def test_boundary_token_straddles_brace_and_newlines(tokenizer):
     ids = tokenizer.encode(text, add_special_tokens=False)
     tokens = tokenizer.convert_ids_to_tokens(ids)
     straddle = tokens.index("}ĊĊ")
-    r = make_rollout(ids, tokenizer, "3")
+    r = graded_rollout(ids, tokenizer, "3")
     assert r.o1_len == straddle  # everything before the '}\n\n' token
     assert tokenizer.decode(ids[: r.o1_sc_len]).endswith("</self-correction>\n\n")
     assert tokenizer.decode(ids[r.o1_sc_len :]) == O2
@@ -428,7 +439,7 @@ def test_spliced_decode_is_exact(tokenizer):
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     sc_ids = tokenizer.encode(SC, add_special_tokens=False)
     texts = [O1 + SC + O2, O2 + "\n\n< self-correction >\n</self-correction>\n\n" + O1]
-    rollouts = [make_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
+    rollouts = [graded_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
                 for t in texts]  # fmt: skip
     group = splice_group(rollouts, 4, sc_ids, eos, mode="paper", rng=random.Random(0))
     assert len(group) == 4
@@ -450,7 +461,7 @@ def test_canonical_splices_are_the_tokens_sampling_would_give(tokenizer):
     sc_ids = tokenizer.encode(SC, add_special_tokens=False)
     # the second rollout's o2 does not start with <think>: its splices take the whole-text path
     texts = [O1 + SC + O2, O2 + SC + "So, " + O1]
-    rollouts = [make_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
+    rollouts = [graded_rollout(tokenizer.encode(t, add_special_tokens=False) + [eos], tokenizer, "4")
                 for t in texts]  # fmt: skip
     parts = splice_group(rollouts, 4, sc_ids, eos, rng=random.Random(0))
     whole = augment.splice_group(
@@ -461,7 +472,7 @@ def test_canonical_splices_are_the_tokens_sampling_would_give(tokenizer):
         assert tokenizer.decode(a.ids) == tokenizer.decode(b.ids)  # the same text
         assert a.ids != b.ids and "}ĊĊ" in tokenizer.convert_ids_to_tokens(b.ids)
         text = tokenizer.decode(b.ids[:-1])
-        again = make_rollout(
+        again = graded_rollout(
             tokenizer.encode(text, add_special_tokens=False) + [eos], tokenizer, "4"
         )
         assert b.ids == again.ids and (b.o1_sc_len, b.o1_len) == (again.o1_sc_len, again.o1_len)
@@ -471,10 +482,10 @@ def test_canonical_splices_are_the_tokens_sampling_would_give(tokenizer):
 def test_an_o2_that_corrects_itself_again_is_graded_but_not_spliced(tokenizer):
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text = O1 + SC + O2 + SC + O1  # three rounds: o2 is really o2 + SC + o3
-    r = make_rollout(tokenizer.encode(text, add_special_tokens=False) + [eos], tokenizer, "3")
+    r = graded_rollout(tokenizer.encode(text, add_special_tokens=False) + [eos], tokenizer, "3")
     assert r.o1 is not None and r.o2 is None  # its o2 never enters a pool
     assert r.o1_sc_len is not None and r.final_correct  # graded as sampled: the last box is o3's
-    two = make_rollout(
+    two = graded_rollout(
         tokenizer.encode(O1 + SC + O2, add_special_tokens=False) + [eos], tokenizer, "3"
     )
     pool = candidate_pool([two, r])
@@ -485,17 +496,17 @@ def test_no_correction_and_missing_boxes(tokenizer):
     ids = tokenizer.encode(
         "<think>no box</think> nothing" + SC + "also nothing", add_special_tokens=False
     )
-    r = make_rollout(ids, tokenizer, "1")
+    r = graded_rollout(ids, tokenizer, "1")
     assert r.o1 is None and r.o2 is None and r.o1_sc_len is not None and not r.final_correct
     ids = tokenizer.encode(O1, add_special_tokens=False)
-    r = make_rollout(ids, tokenizer, "3")
+    r = graded_rollout(ids, tokenizer, "3")
     assert r.o1_sc_len is None and r.o2 is None and r.final_correct and r.o1_len == len(ids)
 
 
 M = 1_000_000
 O1_NL = "<think>x" + "\n" * (M // 2) + "x</think>\\boxed{1}"
 O2_SP = "<think>" + " " * (M // 2) + "</think>\\boxed{2}"
-# 1M-character degenerate responses through scoring and make_rollout with the tiny tokenizer,
+# 1M-character degenerate responses through scoring and split_rollout with the tiny tokenizer,
 # and what the rollout must hold: (o1 kept, o2 kept, has SC, o1 correct, o2 correct).
 DEGENERATE = {
     "whitespace run": (" \t\r\n" * (M // 4), (False, False, False, False, False)),
@@ -516,13 +527,13 @@ DEGENERATE = {
 
 @pytest.mark.slow  # 1M-token responses: seconds each
 @pytest.mark.parametrize("name", list(DEGENERATE))
-def test_degenerate_million_char_responses_make_rollout_in_linear_time(tokenizer, name):
+def test_degenerate_million_char_responses_split_in_linear_time(tokenizer, name):
     text, (has_o1, has_o2, has_sc, o1_ok, o2_ok) = DEGENERATE[name]
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = tokenizer.encode(text, add_special_tokens=False) + [eos]
     t = time.monotonic()
     graded = score_batch([tokenizer.decode(ids, skip_special_tokens=True)], ["1"])[0]
-    r = make_rollout(ids, tokenizer, "1", graded=graded)
+    r = split_rollout(ids, tokenizer, graded)
     # linear: ~1 s (5-15 s on a loaded machine); a quadratic step: hours
     assert time.monotonic() - t < 120.0
     assert (r.o1 is not None, r.o2 is not None, r.o1_sc_len is not None) == (has_o1, has_o2, has_sc)
@@ -548,7 +559,7 @@ def test_invalid_utf8_million_tokens_fall_back_exactly(tokenizer):
     literal = tokenizer.encode("\ufffd" * 3 + SC, add_special_tokens=False)
     assert augment._byte_ends(tokenizer, literal, tokenizer.decode(literal)) is not None
     t = time.monotonic()
-    r = make_rollout(ids, tokenizer, "1")
+    r = graded_rollout(ids, tokenizer, "1")
     # ~2 * 20 prefix decodes of 1M tokens: ~4 s (~23 s on a loaded machine); one per token: hours
     assert time.monotonic() - t < 120.0
     assert (r.o1_sc_len, r.o1_len, r.o1, r.o2) == (half + len(sc_ids), half, None, None)

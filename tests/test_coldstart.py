@@ -10,7 +10,7 @@ import pytest
 import coldstart
 from data import load_examples, synthetic_task
 from octopus import OCTOPUS_SUFFIX, SC, split_response
-from rollout import Generation
+from rollout import Rollout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ class ScriptedStrong:
             text = f"<think>\nCounting carefully.\n</think>\n\n\\boxed{{{guess}}}"
             if k == 2:
                 text = f"no think tags \\boxed{{{truth}}}"
-            out.append([Generation([1], [0.0], text, "stop")])
+            out.append([Rollout([1], [0.0], text, "stop")])
         return out
 
 
@@ -119,7 +119,7 @@ class RecordingEngine:
     def generate(self, prompts, n, sampling, prefixes=None):
         self.calls.append((prompts, n, sampling))
         text = "<think>\nOne dot.\n</think>\n\n\\boxed{1}"
-        return [[Generation([1], [0.0], text, "stop") for _ in range(n)] for _ in prompts]
+        return [[Rollout([1], [0.0], text, "stop") for _ in range(n)] for _ in prompts]
 
     def close(self):
         pass

@@ -234,9 +234,9 @@ def test_vlmevalkit_mcq_with_shared_images_and_a_broken_row(tmp_path):
         max_model_len = 10_000
 
         def generate(self, prompts, n, sampling, prefixes=None):
-            from rollout import Generation
+            from rollout import Rollout
 
-            return [[Generation([1], [0.0], _right("Yes"), "stop")] * n for _ in prompts]
+            return [[Rollout([1], [0.0], _right("Yes"), "stop")] * n for _ in prompts]
 
     skipped: list[str] = []
     records = ev.run(Echo(), _FakeProcessor(), examples, n=1, sampling=None, direct=False,

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from config import preset
 from data import dots_image, prompts_of_step
-from octopus import preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ from PIL import Image
 import eval as ev
 from data import dots_image
 from octopus import SC
-from rollout import Generation
+from rollout import Rollout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,7 +170,7 @@ def test_forced_rounds_stop_when_the_context_is_full(processor):
 
         def generate(self, prompts, n, sampling, prefixes=None):
             self.calls += 1
-            return [[Generation([7] * 100, [-1.0] * 100, "<think>t</think>\\boxed{3}", "stop")]]
+            return [[Rollout([7] * 100, [-1.0] * 100, "<think>t</think>\\boxed{3}", "stop")]]
 
     roomy = Fixed(100_000)
     rec = ev.run(roomy, processor, examples, n=1, sampling=None, direct=False, sc_rounds=2)[0]
@@ -197,7 +197,7 @@ def test_direct_stops_sampling_at_the_correction_tag(processor):
         def generate(self, prompts, n, sampling, prefixes=None):
             cut = min([full.index(s) for s in sampling.stop if s in full], default=len(full))
             ids = tok.encode(full[:cut], add_special_tokens=False)
-            return [[Generation(ids, [-1.0] * len(ids), full[:cut], "stop")] * n for _ in prompts]
+            return [[Rollout(ids, [-1.0] * len(ids), full[:cut], "stop")] * n for _ in prompts]
 
     from rollout import Sampling
 

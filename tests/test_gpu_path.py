@@ -13,7 +13,7 @@ import coldstart
 import fsdp
 import rollout
 import train
-from rollout import Generation, VLLMEngine, memory_kwargs
+from rollout import Rollout, VLLMEngine, memory_kwargs
 
 
 class Recorder:
@@ -164,7 +164,7 @@ def test_coldstart_frees_the_first_engine_before_the_second_and_neither_sleeps(
 
         def generate(self, prompts, n, sampling, prefixes=None):
             text = "<think>x</think> \\boxed{1}"
-            return [[Generation([1], [-0.1], text, "stop")] * n for _ in prompts]
+            return [[Rollout([1], [-0.1], text, "stop")] * n for _ in prompts]
 
         def close(self):
             events.append(("close", self.model))

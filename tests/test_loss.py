@@ -145,12 +145,14 @@ def test_hand_worked_sequence_ratio_is_geometric_mean_over_trained_tokens():
 
 
 def test_group_advantages():
-    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 7.0])
-    groups = torch.tensor([0, 0, 1, 1, 2, 3])
-    adv = group_advantages(rewards, groups)
     std0 = torch.tensor([1.0, 0.0]).std().item()  # unbiased: 0.7071
-    assert adv[:2].tolist() == pytest.approx([0.5 / (std0 + 1e-6), -0.5 / (std0 + 1e-6)])
-    assert adv[2:].tolist() == [0.0, 0.0, 0.0, 0.0]  # equal rewards; groups of one
+    adv = group_advantages(torch.tensor([1.0, 0.0]))
+    assert adv.tolist() == pytest.approx([0.5 / (std0 + 1e-6), -0.5 / (std0 + 1e-6)])
+    # mean 1, unbiased std 1: A = (r - 1) / (1 + 1e-6)
+    expected = [-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6)]
+    assert group_advantages(torch.tensor([0.0, 1.0, 2.0])).tolist() == pytest.approx(expected)
+    assert group_advantages(torch.tensor([0.5, 0.5])).tolist() == [0.0, 0.0]  # equal rewards
+    assert group_advantages(torch.tensor([7.0])).tolist() == [0.0]  # a group of one
 
 
 def test_kl_k3_values_and_clamp():

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from octopus import preset
+from config import preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "memory_plan.py")

@@ -97,7 +97,7 @@ def test_downloads_write_the_paths_the_flags_default_to():
     if not DOWNLOADS:
         pytest.skip("the README has no # Download block")
     import eval as evaluate
-    from octopus import Config
+    from config import Config
 
     written = "\n".join(DOWNLOADS)
     for path in (Config().train_data, Config().val_data, evaluate.parse_args(
@@ -166,7 +166,7 @@ def test_cpu_commands_run(command, tiny_path, tmp_path, monkeypatch, capsys):
         nproc = [w.split("=")[1] for w in launcher if w.startswith("--nproc_per_node=")]
         monkeypatch.setenv("WORLD_SIZE", nproc[0] if nproc else "1")
         import train
-        from octopus import parse_args, stage_configs
+        from config import parse_args, stage_configs
 
         train.main([*args, "--dry_run"])  # nothing loads, nothing runs
         name, overrides, _ = parse_args(args)

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 import train
+from config import SEQUENCES, parse_args, preset, stage_configs
 from data import dots_image, epoch_order, load_split, prompts_of_step
-from octopus import SEQUENCES, parse_args, preset, stage_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

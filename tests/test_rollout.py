@@ -11,8 +11,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from data import synthetic_task
-from octopus import SC_OPEN, max_images_of
+from data import max_images_of, synthetic_task
+from octopus import SC_OPEN
 from rollout import (
     FORBIDDEN_TOKENS,
     Sampling,

@@ -15,11 +15,12 @@ from data import (
     decode_example,
     decode_examples,
     dots_image,
+    encode_image,
     load_examples,
-    load_image,
     row_to_example,
     synthetic_coldstart,
     synthetic_task,
+    target_size,
 )
 from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX, split_response
 from reward import score
@@ -209,11 +210,14 @@ def test_image_sources_and_errors(tmp_path):
     (tmp_path / "x.png").write_bytes(png)
     for value in ["x.png", str(tmp_path / "x.png"), png, base64.b64encode(png).decode(),
                   {"path": "x.png"}, Image.open(io.BytesIO(png))]:  # fmt: skip
-        assert load_image(value, str(tmp_path)).size == (64, 48)
+        image = encode_image(value, str(tmp_path), 1, 10**7)
+        assert image.size == target_size(64, 48, 1, 10**7) == (64, 64)  # sides: multiples of 32
+        pixels = image.decode() if isinstance(image, EncodedImage) else image
+        assert pixels.size == (64, 64) and pixels.mode == "RGB"
     for bad, msg in [("nope.png", "not a file and not base64"), (b"garbage", "unreadable image"),
                      ({}, "neither bytes nor path"), (3, "unsupported image")]:  # fmt: skip
         with pytest.raises(ValueError, match=msg):
-            load_image(bad, str(tmp_path))
+            encode_image(bad, str(tmp_path), 1, 10**7)
 
 
 def test_min_max_pixels_and_tag_mismatch(tmp_path):

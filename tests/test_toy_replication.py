@@ -247,11 +247,11 @@ class _FixedEngine:
         self.texts = texts
 
     def generate(self, prompts, n, sampling, prefixes=None):
-        from rollout import Generation
+        from rollout import Rollout
 
         assert (sampling.temperature, sampling.top_p, n) == (1.0, 1.0, len(self.texts))
         assert all(p["prompt"].rstrip().endswith("assistant") for p in prompts)
-        return [[Generation([], [], t, "stop") for t in self.texts] for _ in prompts]
+        return [[Rollout([], [], t, "stop") for t in self.texts] for _ in prompts]
 
 
 def test_rare_coldstart_keeps_every_o1_with_an_answer_and_filters_no_o2(tmp_path, processor):
@@ -366,15 +366,15 @@ def test_the_aggregation_diagnostic_is_octopus_with_a_token_mean_in_stage_2_at_i
 
 
 def test_compute_counters_add_generated_and_trained_tokens_to_each_step():
-    from rollout import Generation
+    from rollout import Rollout
 
     def generate(t, prompts, step):
-        return [[Generation([1] * (3 + k), [], "", "stop") for k in range(2)] for _ in prompts]
+        return [[Rollout([1] * (3 + k), [], "", "stop") for k in range(2)] for _ in prompts]
 
     def make_group(t, n):
-        item = types.SimpleNamespace
-        return types.SimpleNamespace(items=[item(ids=[0] * 5, policy_mask=torch.tensor([0.0, 1, 1, 1, 1])),
-                                            item(ids=[0] * 2, policy_mask=torch.ones(2))])  # fmt: skip
+        sample = types.SimpleNamespace
+        return types.SimpleNamespace(samples=[sample(ids=[0] * 5), sample(ids=[0] * 2)],
+                                     policy_masks=[torch.tensor([0.0, 1, 1, 1, 1]), torch.ones(2)])  # fmt: skip
 
     def rl_step(t, step):
         module.generate(t, ["p", "q", "r"], step)

@@ -13,8 +13,9 @@ import torch
 
 import fsdp
 import train
+from config import check_config, parse_args, preset, stage_configs
 from data import dots_image, prompts_of_step
-from octopus import SC, check_config, parse_args, preset, stage_configs
+from octopus import SC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -307,9 +308,19 @@ def test_micro_batches_pad_ranks_with_weightless_passes(monkeypatch):
     monkeypatch.setattr(fsdp, "all_reduce", lambda values, op=None: [5.0])  # another rank has 5
     monkeypatch.setattr(fsdp.dist, "get_world_size", lambda: 2)
     got = fsdp.micro_batches([10, 10, 10], 20)
-    assert [w for _, w in got] == [2.0, 2.0, 0.0, 0.0, 0.0]
-    assert sorted(i for b, w in got if w for i in b) == [0, 1, 2]
-    assert all(b == got[0][0][:1] for b, w in got if not w)  # a real item, weight 0
+    assert [real for _, real in got] == [True, True, False, False, False]
+    assert sorted(i for b, real in got if real for i in b) == [0, 1, 2]
+    assert all(b == got[0][0][:1] for b, real in got if not real)  # a real item, not counted
+
+
+def test_backward_scales_by_the_world_size_and_zeroes_dummy_passes(monkeypatch):
+    """FSDP averages gradients over ranks while the loss is already normalized over all of
+    them: a real pass is scaled by the world size, a pass that only keeps ranks in step by 0."""
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 4)
+    for real, expected in ((True, 4.0 * 3.0), (False, 0.0)):
+        w = torch.tensor(2.0, requires_grad=True)
+        train.backward(w * 3.0, real)  # d(3w)/dw = 3
+        assert w.grad.item() == expected
     with pytest.raises(ValueError, match="no items"):
         fsdp.micro_batches([], 20)
 
@@ -351,7 +362,7 @@ def test_check_config_refuses_what_cannot_run():
 def test_every_flag_has_help_and_one_spelling():
     import dataclasses
 
-    from octopus import Config
+    from config import Config
 
     assert all(f.metadata.get("help") for f in dataclasses.fields(Config))
     name, overrides, flags = parse_args(
@@ -403,7 +414,7 @@ class ScriptedEngine:
         self.tok, self.texts, self.calls = tokenizer, texts, []
 
     def generate(self, prompts, n, sampling, prefixes=None):
-        from rollout import Generation
+        from rollout import Rollout
 
         self.calls.append(sampling)
         eos = self.tok.convert_tokens_to_ids("<|im_end|>")
@@ -412,7 +423,7 @@ class ScriptedEngine:
             group = []
             for text in self.texts[k * n : (k + 1) * n]:
                 ids = self.tok.encode(text, add_special_tokens=False) + [eos]
-                group.append(Generation(ids, [-0.5] * len(ids), text, "stop"))
+                group.append(Rollout(ids, [-0.5] * len(ids), text, "stop"))
             out.append(group)
         return out
 
@@ -459,17 +470,17 @@ def worked_group(processor, cfg):
     t = scripted_trainer(processor, cfg, WORKED)
     example = three(synthetic_task(1)[0])
     prompt = render_prompt(processor, example["messages"])
-    (generations,) = t.engine.generate([prompt], 4, None)
-    scores = train.score_rollouts(t, [example], [generations])[0]
-    return t, train.make_group(t, example, prompt, generations, scores, random.Random(0))
+    (rollouts,) = t.engine.generate([prompt], 4, None)
+    scores = train.score_rollouts(t, [example], [rollouts])[0]
+    return t, train.make_group(t, example, prompt, rollouts, scores, random.Random(0))
 
 
 def test_step_metrics_of_the_worked_example(processor, one_rank):
     t, group = worked_group(
         processor, preset("demo-1", n_rollouts=4, n_train=8, max_response_len=200)
     )
-    for item, gen in zip(group.items, group.generations, strict=False):
-        item.old_logp = torch.tensor(gen.logprobs) + 0.25  # the trainer 0.25 above the engine
+    # the trainer 0.25 above the engine on the originals (the first samples)
+    group.old_logps = [torch.tensor(r.logprobs) + 0.25 for r in group.rollouts]
     clock = fsdp.Clock()
     clock.seconds = {"generate": 2.0, "update": 1.0}
     stats = [
@@ -493,11 +504,11 @@ def test_step_metrics_of_the_worked_example(processor, one_rank):
 def test_kl_tokens_response_puts_the_kl_on_every_token_of_stage2(processor, one_rank, kl_tokens):
     cfg = preset("demo-2", n_rollouts=4, n_train=8, max_response_len=200, kl_tokens=kl_tokens)
     _, group = worked_group(processor, cfg)
-    kl = [it.kl_mask.tolist() for it in group.items]
+    kl = [m.tolist() for m in group.kl_masks]
     if kl_tokens == "o1":  # Stage II has no KL (Sec. 4.3)
         assert all(sum(m) == 0 for m in kl)
     else:  # the released GRPO runs: k3 on every response token
-        assert all(m == [1.0] * len(it.ids) for m, it in zip(kl, group.items, strict=True))
+        assert all(m == [1.0] * len(s.ids) for m, s in zip(kl, group.samples, strict=True))
 
 
 def test_export_only_exports_and_trains_nothing(monkeypatch):

@@ -7,7 +7,7 @@ on a file that mixes image rows and text-only rows: what one 8-GPU node runs, on
 import sys
 
 import train
-from octopus import preset
+from config import preset
 
 out_dir, tiny, data = sys.argv[1], sys.argv[2], sys.argv[3]
 small = dict(

@@ -25,7 +25,7 @@ from train_items import fixed_groups  # noqa: E402
 
 import fsdp  # noqa: E402
 import train  # noqa: E402
-from octopus import preset  # noqa: E402
+from config import preset  # noqa: E402
 
 out_dir, tiny = sys.argv[1], sys.argv[2]
 rank, world, device = fsdp.setup_distributed()
@@ -216,7 +216,7 @@ def logprobs_and_grads(model, chunks, packed: bool):
     return flat.detach(), grads
 
 
-chunks = [(g.prompt, [it.ids for it in g.items]) for g in fixed_groups(processor, n_groups=4)]
+chunks = [(g.prompt, [s.ids for s in g.samples]) for g in fixed_groups(processor, n_groups=4)]
 kernels = {
     torch.float32: SDPBackend.EFFICIENT_ATTENTION,
     torch.bfloat16: SDPBackend.FLASH_ATTENTION,

@@ -19,9 +19,9 @@ from transformers import AutoProcessor
 
 import fsdp
 import train
+from config import preset
 from data import load_split
 from fsdp import Clock
-from octopus import preset
 
 out_dir, tiny = sys.argv[1], sys.argv[2]
 rank, world, device = fsdp.setup_distributed()

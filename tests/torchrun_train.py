@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 from train_items import fixed_groups
 
+import config
 import fsdp
-import octopus
 import train
+from config import preset
 from loss import kl_k3
-from octopus import preset
 
 mode, out_dir, tiny = sys.argv[1], sys.argv[2], sys.argv[3]
 SMALL = dict(
@@ -87,8 +87,8 @@ def fixed_group_gradients(processor, device, specs: str) -> None:
     if world == 1:  # the KL's terms these gradients hold (the same groups and weights for
         k3 = []  # every spec): below the clamp of 10, where they have a gradient
         for group, lps in zip(groups, train.logprobs(t, groups), strict=True):
-            for it, lp in zip(group.items, lps, strict=True):
-                k3 += kl_k3(lp, it.ref_logp)[it.kl_mask > 0].tolist()
+            for lp, ref, kl_mask in zip(lps, group.ref_logps, group.kl_masks, strict=True):
+                k3 += kl_k3(lp, ref)[kl_mask > 0].tolist()
         save_json("kl_terms.json", {"n": len(k3), "below_clamp": sum(x < 10.0 for x in k3)})
 
 
@@ -106,8 +106,7 @@ def stage1_normalizers(processor, device) -> dict:
         # fixed groups' random reference log-probs sit there
         noise = torch.Generator().manual_seed(1)
         for group, lps in zip(groups, train.logprobs(t, groups), strict=True):
-            for it, lp in zip(group.items, lps, strict=True):
-                it.ref_logp = lp + 0.5 * torch.randn(lp.shape, generator=noise)
+            group.ref_logps = [lp + 0.5 * torch.randn(lp.shape, generator=noise) for lp in lps]
         train.accumulate_gradients(t, groups)
         full = gradients(t.model)
         t.model.zero_grad(set_to_none=True)
@@ -116,28 +115,27 @@ def stage1_normalizers(processor, device) -> dict:
         policy = gradients(t.model)
         t.model.zero_grad(set_to_none=True)
         t.ref_model = ref
-        items = [it for g in groups for it in g.items]
-        kl_count = sum(
-            float(it.kl_mask.sum() > 0) if agg == "seq" else float(it.kl_mask.sum()) for it in items
-        )
-        pairs = [(g.prompt, [it.ids for it in g.items]) for g in groups]
-        for segments, logps, loss_scale in train.forward_micro_batches(t, t.model, pairs, 300):
+        kl_masks = [m for g in groups for m in g.kl_masks]
+        policy_masks = [m for g in groups for m in g.policy_masks]
+        kl_count = sum(float(m.sum() > 0) if agg == "seq" else float(m.sum()) for m in kl_masks)
+        sequences = [(g.prompt, [s.ids for s in g.samples]) for g in groups]
+        for segments, logps, real in train.forward_micro_batches(t, t.model, sequences, 300):
             total = 0.0
             for (g, k), lp in zip([(g, k) for g, ks in segments for k in ks], logps, strict=True):
-                it = groups[g].items[k]
-                d = it.ref_logp - lp
-                k3 = ((torch.exp(d) - d - 1.0).clamp(-10.0, 10.0) * it.kl_mask).sum()
-                total = total + (k3 / it.kl_mask.sum().clamp(min=1) if agg == "seq" else k3)
-            (cfg.kl_coef * total / kl_count * loss_scale).backward()
+                ref, kl_mask = groups[g].ref_logps[k], groups[g].kl_masks[k]
+                d = ref - lp
+                k3 = ((torch.exp(d) - d - 1.0).clamp(-10.0, 10.0) * kl_mask).sum()
+                total = total + (k3 / kl_mask.sum().clamp(min=1) if agg == "seq" else k3)
+            train.backward(cfg.kl_coef * total / kl_count, real)
         kl = gradients(t.model)
         worst = max((full[k] - policy[k] - kl[k]).abs().max().item() for k in full)
         report[agg] = {
             "worst": worst,
             "scale": max(full[k].abs().max().item() for k in full),
             "kl_scale": max(kl[k].abs().max().item() for k in kl),
-            "policy_count": sum(float(it.policy_mask.sum() > 0) for it in items)
+            "policy_count": sum(float(m.sum() > 0) for m in policy_masks)
             if agg == "seq"
-            else sum(float(it.policy_mask.sum()) for it in items),
+            else sum(float(m.sum()) for m in policy_masks),
             "kl_count": kl_count,
         }
     return report
@@ -156,8 +154,7 @@ def checkpointing(processor, device) -> dict:
         groups = fixed_groups(processor, n_groups=2)
         train.logprobs(t, groups)
         for g in groups:
-            for it in g.items:
-                it.old_logp = None  # the on-policy update must fill these itself
+            g.old_logps = [None] * len(g.samples)  # the on-policy update must fill these itself
         in_logprobs = len(calls)
         stats = train.update(t, groups, on_policy=True)
         report[f"checkpointing={flag}"] = {"logprobs_pass": in_logprobs,
@@ -165,7 +162,7 @@ def checkpointing(processor, device) -> dict:
                                            "ratio": stats["ratio"], "clip_low": stats["clip_low"],
                                            "clip_high": stats["clip_high"],
                                            "grad_norm": stats["grad_norm"],
-                                           "old_filled": all(it.old_logp is not None for g in groups for it in g.items)}  # fmt: skip
+                                           "old_filled": all(lp is not None for g in groups for lp in g.old_logps)}  # fmt: skip
         handle.remove()
     return report
 
@@ -208,8 +205,7 @@ def checkpoint_round_trip(processor, device) -> dict:
 
     def step():
         for g in groups:
-            for it in g.items:
-                it.old_logp = None
+            g.old_logps = [None] * len(g.samples)
         norm = train.update(t, groups, on_policy=True)["grad_norm"]
         t.scheduler.step()
         return norm
@@ -260,11 +256,11 @@ if mode == "stages":  # every stage runs a few steps, Stage II on a file with ba
 elif mode == "resume":  # the newest checkpoint of OUT to step 3; then --export_only of another
     cfg = small("demo-2", max_steps=3, resume=True, **SCHEDULE)
     _, engine = train.run_stage(cfg)
-    name, overrides, flags = octopus.parse_args(
+    name, overrides, flags = config.parse_args(
         ["--preset", "demo-2", "--model", tiny, "--out_dir", sys.argv[4], "--export_only"]
     )
     assert flags["export_only"]
-    train.export_only(octopus.stage_configs(name, overrides)[-1])
+    train.export_only(config.stage_configs(name, overrides)[-1])
     engine.close()
 elif mode == "checks":
     from transformers import AutoProcessor

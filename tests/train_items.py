@@ -5,6 +5,7 @@ import math
 import torch
 
 import train
+from augment import Sample
 from data import synthetic_task
 from packing import encode_prompt
 from rollout import render_prompt
@@ -20,14 +21,16 @@ def fixed_groups(processor, n_groups=6, seed=5):
     groups = []
     for k, ex in enumerate(synthetic_task(n_groups, seed=seed)):
         prompt = encode_prompt(processor, render_prompt(processor, ex["messages"]))
-        items = []
+        group = train.Group(ex, prompt, [], [], [], old_logps=[], ref_logps=[])
         for j in range(1 + k % 3):
             n = 5 + 3 * k + j
             cut = (k + j) % 3
-            items.append(train.Item(
-                torch.randint(0, plain, (n,), generator=g).tolist(), float(torch.randn(1, generator=g)),
-                torch.tensor([0.0] * cut + [1.0] * (n - cut)),
-                torch.tensor([1.0] * (cut // 2) + [0.0] * (n - cut // 2)),
-                -torch.rand(n, generator=g) * 5, near + 0.5 * torch.randn(n, generator=g)))  # fmt: skip
-        groups.append(train.Group(ex, prompt, [], [], [], items))
+            ids = torch.randint(0, plain, (n,), generator=g).tolist()
+            group.samples.append(Sample(ids, "original", None, False, False, (j, j)))
+            group.advantages.append(float(torch.randn(1, generator=g)))
+            group.policy_masks.append(torch.tensor([0.0] * cut + [1.0] * (n - cut)))
+            group.kl_masks.append(torch.tensor([1.0] * (cut // 2) + [0.0] * (n - cut // 2)))
+            group.old_logps.append(-torch.rand(n, generator=g) * 5)
+            group.ref_logps.append(near + 0.5 * torch.randn(n, generator=g))
+        groups.append(group)
     return groups
