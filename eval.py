@@ -1,24 +1,30 @@
 """Evaluate self-correction (arXiv 2602.08503, Tables 2-3 and Fig. 7): acc@1 (o1), acc@2 (the
 final answer), c->w / w->c rates, how often the model corrects itself, sequential test-time
-scaling (force K extra rounds by appending SC, Fig. 7a) and pass@k (Fig. 7b).
+scaling (force K extra rounds by appending SC, Fig. 7a) and pass@k (Fig. 7b); Table 2 as
+VLMEvalKit scores it (its prediction files and its judge-free metrics).
 
     python eval.py --model runs/demo/stage-2/export --data synthetic:256 --out runs/eval
     python eval.py --model runs/octopus-stage2/export --data MathVista_MINI.tsv --n 8
     torchrun --nproc_per_node=8 eval.py --model ... --data ... --sc_rounds 3   # data-parallel
-    # Table 2: acc@1 / acc@2 on the seven benchmarks (VLMEvalKit TSVs in --bench_dir) and the mean
+    # Table 2: the seven benchmarks (VLMEvalKit TSVs in --bench_dir), scored as VLMEvalKit does
     torchrun --nproc_per_node=8 eval.py --table2 --model runs/octopus-8b/stage-2/export \
         --bench_dir data/benchmarks
+    python eval.py --score runs/table2/WeMath/WeMath.tsv --benchmark WeMath --out DIR  # no model
 
 Modes: default (the model decides whether to correct itself), `--direct` (stop at
 `<self-correction>`: direct reasoning only), `--sc_rounds K` (after the model's answer, append
-SC and continue, K times). Sampling defaults are the paper's: temperature 0.6, top-p 0.95,
-no top-k, up to 16384 new tokens in a 32768-token context; both lengths are clamped to what the
-model allows, with one line saying so. Images are resized into [256*28*28, 1280*28*28] pixels
-(`--min_pixels`, `--max_pixels`; the released inference setting) for every file format; the
-images of `synthetic:N` are used as drawn. Inputs: JSONL / parquet / HF folders (data.py) and
-VLMEvalKit TSV files (index, base64 image, question, answer, options A, B, ...). Images stay
-encoded until the prompts are rendered; a row whose image does not decode is skipped, counted
-(`skipped_images` in the summary) and named on stderr.
+SC and continue, K times; one generate call per round). `--prompt octopus|baseline|none` picks
+the suffix; `--instruct` evaluates an instruct model as Table 2's base row (no suffix, 4096 new
+tokens, the full output as its prediction). Sampling defaults are the paper's: temperature 0.6,
+top-p 0.95, no top-k, up to 16384 new tokens in a 32768-token context; both lengths are clamped
+to what the model allows, with one line saying so. Images of VLMEvalKit TSVs keep the model
+processor's own pixel range (VLMEvalKit's Qwen3-VL wrapper sets none); other files' are resized
+into [256*28*28, 1280*28*28] pixels (the released inference setting); `--min_pixels`,
+`--max_pixels` override both; the images of `synthetic:N` are used as drawn. Inputs: JSONL /
+parquet / HF folders (data.py) and VLMEvalKit TSV files (index, base64 image, question, answer,
+options A, B, ...). Images stay encoded until the prompts are rendered; a row whose image does
+not decode is skipped, counted (`skipped_images` in the summary) and named on stderr. A
+VLMEvalKit TSV also gets its predictions file; one of Table 2's datasets, its VLMEvalKit scores.
 """
 
 from __future__ import annotations
