@@ -294,7 +294,8 @@ def grade_mathvista(row: dict, prediction: str, where: str = "") -> tuple[int, s
 
 def grade_mathverse(row: dict, prediction: str) -> tuple[int, str]:
     """A MathVerse row: the extracted answer equal to `answer` (vlmeval/dataset/utils/
-    mathverse.py, post_check_score); else VLMEvalKit's judge decides."""
+    mathverse.py, post_check_score); else VLMEvalKit's judge decides. VLMEvalKit's judge also
+    does the extraction (MathVerse_auxeval_extract); here the last box is the extraction."""
     if prediction.strip() == str(row["answer"]).strip():
         return 1, RULE
     return int(_equivalent(prediction, row["answer"])), NEEDS_JUDGE
