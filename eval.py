@@ -659,7 +659,8 @@ def _tsv_example(row: dict, where: str, by_index: dict, suffix: str, min_pixels:
         question = f"{hint}Question: {question}\nOptions:\n"
         question += "".join(f"{k}. {v}\n" for k, v in options.items())
         if dataset != "WeMath":
-            question += "Please select the correct answer from the options above. \n"
+            # VLMEvalKit's line ends in " \n"; dropped, as every suffix starts on a new line
+            question += "Please select the correct answer from the options above."
     try:
         cells = _tsv_images(row.get("image") or "", by_index)
     except ValueError as e:
@@ -672,7 +673,7 @@ def _tsv_example(row: dict, where: str, by_index: dict, suffix: str, min_pixels:
             )
         except ValueError as e:
             raise DataError(f"{where}: field image[{k}]: {e}") from None
-    text = question.rstrip() + suffix if suffix else question
+    text = question + suffix
     if dataset == "MMMU_DEV_VAL":
         try:
             content = interleave_images(text, images)
