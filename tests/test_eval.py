@@ -114,6 +114,53 @@ def test_vlmevalkit_tsv_fixture(tmp_path):
     assert decode_example(small[0])["messages"][0]["content"][0]["image"].size == (64, 64)
 
 
+def test_mmmu_images_at_their_markers(tmp_path):
+    """MMMU_DEV_VAL places each image at its `<image N>` marker (VLMEvalKit's split_MMMU); other
+    benchmarks put the images first."""
+    assert ev.interleave_images("x <image 2> y <image 1>", ["i1", "i2"]) == [
+        {"type": "text", "text": "x "}, {"type": "image", "image": "i2"},
+        {"type": "text", "text": " y "}, {"type": "image", "image": "i1"},
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="1 image"):
+        ev.interleave_images("<image 2>", ["i1"])
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+    two = str([base64.b64encode(buf.getvalue()).decode()] * 2)
+    line = f"1\t{two}\tCompare <image 1> with <image 2>.\t3\t4\tA\tvalidation\n"
+    for name in ("MMMU_DEV_VAL", "MMStar"):
+        path = tmp_path / f"{name}.tsv"
+        path.write_text("index\timage\tquestion\tA\tB\tanswer\tsplit\n" + line)
+        content = ev.load_eval_data(str(path))[0]["messages"][0]["content"]
+        kinds = [c["type"] for c in content]
+        if name == "MMMU_DEV_VAL":
+            assert kinds == ["text", "image", "text", "image", "text"]
+            assert content[0]["text"] == "Question: Compare "
+        else:
+            assert kinds == ["image", "image", "text"] and "<image 1>" in content[2]["text"]
+
+
+def test_prompt_and_instruct_flags(tmp_path):
+    """--prompt picks the suffix (the baselines' EasyR1 prompt, or none); --instruct is Table
+    2's instruct-model row: no suffix, 4096 new tokens, the full output as the prediction."""
+    from octopus import BASELINE_SUFFIX, OCTOPUS_SUFFIX
+
+    path = tmp_path / "MathVista_MINI.tsv"
+    path.write_text("index\tquestion\tanswer\n1\tHow many?\t4\n")
+    texts = {}
+    for flags in ([], ["--prompt", "baseline"], ["--instruct"]):
+        args = ev.parse_args(["--model", "m", "--data", str(path), *flags])
+        examples = ev.load_eval_data(str(path), suffix=ev.SUFFIXES[args.prompt])
+        texts[args.prompt] = (examples[0]["messages"][0]["content"][-1]["text"], args.max_tokens)
+    assert texts == {"octopus": ("How many?" + OCTOPUS_SUFFIX, 16384),
+                     "baseline": ("How many?" + BASELINE_SUFFIX, 16384),
+                     "none": ("How many?", 4096)}  # fmt: skip
+    record = {"id": "1", "sample": 0, "response": box(3) + SC + box(4)}
+    example = {"id": "1", "answer": "4", "row": {"index": "1", "answer": "4"}}
+    octo, inst = (ev.prediction_rows([example], [record], 0, instruct) for instruct in (0, 1))
+    assert (octo[0]["prediction_o1"], octo[0]["prediction"]) == ("3", "4")
+    assert inst[0]["prediction"] == record["response"]
+
+
 @pytest.mark.slow
 def test_every_mode_runs_on_vllm(engine, processor, monkeypatch):
     from rollout import Sampling
@@ -142,6 +189,10 @@ def test_every_mode_runs_on_vllm(engine, processor, monkeypatch):
         return out
 
     monkeypatch.setattr(engine, "generate", spy)
+    # every sample's forced round in one generate call: 1 + 2 calls for 3 prompts x 2 samples
+    recs = ev.run(engine, processor, examples, n=2, sampling=sampling, direct=False, sc_rounds=2)
+    assert len(calls) == 3 and [len(c[0]) for c in calls[1:]] == [6, 6] and len(recs) == 6
+    calls.clear()
     rec = ev.run(
         engine, processor, examples[:1], n=1, sampling=sampling, direct=False, sc_rounds=2
     )[0]
@@ -258,8 +309,10 @@ def test_cli_defaults_are_clamped_and_rows_take_two_images(tiny_path, tmp_path):
 
 
 def _table2_bench(folder) -> None:
-    """The seven TSVs of Table 2, three rows each, shaped as VLMEvalKit's (MCQ options, an image
-    named by another row's index, several images as a list, MMMU's dev / validation split)."""
+    """The seven TSVs of Table 2, three rows each, with the columns VLMEvalKit's scoring reads
+    (MathVista's question_type / answer_type, WeMath's key / ID, HallusionBench's index fields
+    and l2-category, MMMU's dev / validation split and <image N> markers, CharXiv's
+    grading_query), MCQ options, an image named by another row's index, several images."""
     rng = __import__("random").Random(0)
 
     def b64(count):
@@ -268,30 +321,41 @@ def _table2_bench(folder) -> None:
         return base64.b64encode(buf.getvalue()).decode()
 
     q = "How many dots are in the image?"
-    vqa = ["index\timage\tquestion\tanswer"] + [
-        f"{i}\t{b64(i + 1)}\t{q}\t{i + 1}" for i in range(3)
+    vista = ["index\timage\tquestion\tanswer\tquestion_type\tanswer_type\tchoices\tanswer_option"]
+    vista += [f"{i}\t{b64(i + 1)}\t{q}\t{i + 1}\tfree_form\tinteger\t\t" for i in range(3)]
+    verse = ["index\timage\tquestion\tanswer\tmetadata"] + [
+        f"{i}\t{b64(i + 1)}\t{q}\t{i + 1}\t{{'problem_version': 'Vision Only'}}" for i in range(3)
     ]
     mcq = ["index\timage\tquestion\tA\tB\tanswer\tcategory"] + [
         f"{i}\t{b64(i + 1) if i == 0 else '0'}\t{q}\t1\t2\tA\tcount" for i in range(3)
+    ]
+    wemath = ["index\timage\tquestion\tA\tB\tanswer\tkey\tID"] + [
+        f"{i}\t{b64(1)}\t{q}\t1\t2\tA\t{key}\t1"
+        for i, key in enumerate(["2steps_1", "2steps_2", "2steps_multi"])
     ]
     two = str([b64(1), b64(2)])
     mmmu = ["index\timage\tquestion\tA\tB\tanswer\tsplit"] + [
         f"{i}\t{two}\tDots in <image 1> and <image 2>?\t3\t4\tA\t{s}"
         for i, s in enumerate(["dev", "validation", "validation"])
     ]
-    yorn = ["index\timage\tquestion\tanswer"] + [
-        f"{i}\t{b64(2)}\tAre there 2 dots?\tYes" for i in range(3)
+    yorn = ["index\timage\tquestion\tanswer\tcategory\tl2-category"] + [
+        f"VD_count_0_0_0_{i}\t{b64(2)}\tAre there 2 dots?\tYes\tVD\tcount" for i in range(3)
     ]
-    for _, name, _ in ev.TABLE2:
-        lines = {"MMMU_DEV_VAL.tsv": mmmu, "MMStar.tsv": mcq, "WeMath.tsv": mcq,
-                 "HallusionBench.tsv": yorn}.get(name, vqa)  # fmt: skip
-        (folder / name).write_text("\n".join(lines) + "\n")
+    charxiv = ["index\timage\tquestion\tanswer\tgrading_query\tinst_category"] + [
+        f"{i}\t{b64(i + 1)}\t{q}\t{i + 1}\tGrade {{PREDICTION}}\t3" for i in range(3)
+    ]
+    files = {"MathVista_MINI": vista, "MathVerse_MINI": verse, "WeMath": wemath, "MMStar": mcq,
+             "HallusionBench": yorn, "MMMU_DEV_VAL": mmmu, "CharXiv_reasoning_val": charxiv}  # fmt: skip
+    for _, dataset, _ in ev.TABLE2:
+        (folder / f"{dataset}.tsv").write_text("\n".join(files[dataset]) + "\n")
 
 
 @pytest.mark.slow
 def test_table2_in_one_command(tiny_path, tmp_path):
-    """`eval.py --table2` on the tiny model: every benchmark evaluated with one engine, Table 2's
-    layout printed (acc@1, acc@2 per benchmark and their average), MMMU's validation rows only."""
+    """`eval.py --table2` on the tiny model: every benchmark evaluated with one engine, a
+    VLMEvalKit predictions file per benchmark, scored as VLMEvalKit scores it, Table 2's layout
+    printed (each column names its metric and whether a judge was needed), MMMU's validation
+    rows only."""
     bench = tmp_path / "benchmarks"
     bench.mkdir()
     missing = cli("--table2", "--model", tiny_path, "--bench_dir", str(bench))
@@ -303,14 +367,32 @@ def test_table2_in_one_command(tiny_path, tmp_path):
                "--limit", "2", "--max_tokens", "16", "--max_model_len", "1024")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     names = [name for name, _, _ in ev.TABLE2]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
-    assert lines[0] == "| | " + " | ".join(names) + " | Avg |"
     table = json.load(open(out / "table2.json"))
     assert list(table) == names and all(t["samples"] == 2 for t in table.values())
-    for row, key in ((lines[2], "acc@1"), (lines[3], "acc@2")):
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    header = lines[0].strip("|").split("|")[1:-1]
+    for cell, name in zip(header, names, strict=True):
+        t = table[name]
+        assert cell.strip().startswith(f"{name} {t['metric']} (")
+        assert ("no judge needed" in cell) == (t["needs_judge"] == 0)
+    assert table["WeMath"]["metric"] == "Score (Loose)"
+    assert table["CharXiv-RQ"]["needs_judge"] == 2 and "gpt-4o-mini" in header[-1]
+    for row, key in ((lines[2], "score@1"), (lines[3], "score@2")):
         cells = [float(c) for c in row.strip("|").split("|")[1:]]
-        values = [100 * table[n][key] for n in names]
+        values = [table[n][key] for n in names]
         assert cells[:-1] == [round(v, 1) for v in values]
         assert cells[-1] == round(sum(values) / len(values), 1)
-    mmmu = [json.loads(line) for line in open(out / "MMMU-val" / "samples.jsonl")]
-    assert sorted(r["id"] for r in mmmu) == ["1", "2"]  # the dev row is not evaluated
+    # seven VLMEvalKit prediction files: the TSV's columns (no image), the answers, the text
+    for name, dataset, _ in ev.TABLE2:
+        path = out / name / f"{dataset}.tsv"
+        assert table[name]["prediction_files"] == [str(path)]
+        rows = ev.read_predictions(str(path))
+        assert len(rows) == 2 and "image" not in rows[0]
+        assert {"index", "question", "answer", "prediction", "prediction_o1", "response"} <= set(
+            rows[0]
+        )
+        assert all(r["prediction"] == ev.vlmevalkit_prediction(r["response"]) for r in rows)
+        summary = json.load(open(out / name / "score" / "summary.json"))
+        assert summary["score"] == table[name]["score@2"]
+    mmmu = ev.read_predictions(str(out / "MMMU-val" / "MMMU_DEV_VAL.tsv"))
+    assert sorted(r["index"] for r in mmmu) == ["1", "2"]  # the dev row is not evaluated
