@@ -184,11 +184,15 @@ class VLLMEngine:
         sampling: Sampling,
         *,
         prefixes: list[str] | None = None,
+        image_size: dict[str, int] | None = None,
     ) -> list[list[Rollout]]:
         """n samples for each prompt (`render_prompt`'s dicts). With `prefixes`, each prompt is
         continued after its prefix (an earlier response + SC: the forced rounds of Fig. 7a);
         the returned ids and text are the continuation only. A response stops at the engine's
-        `max_model_len` at the latest (finish reason "length")."""
+        `max_model_len` at the latest (finish reason "length"). `image_size` (the image
+        processor's `size`: `shortest_edge`, `longest_edge` in pixels) renders these prompts'
+        images at that range instead of the engine's own: one engine serves stages of different
+        image sizes, each tokenized exactly as its trainer's processor does."""
         if self.asleep:
             # on GPU the paused scheduler would wait for a wake-up forever
             raise RuntimeError(f"generate() while the engine sleeps ({sorted(self.sleeping)}): "
@@ -203,6 +207,8 @@ class VLLMEngine:
             request: dict = {"prompt": text}
             if p.get("images"):
                 request["multi_modal_data"] = {"image": p["images"]}
+                if image_size is not None:
+                    request["mm_processor_kwargs"] = {"size": dict(image_size)}
             requests.append(request)
         outputs = self.llm.generate(requests, self._params(n, sampling), use_tqdm=False)
         groups = []
@@ -272,10 +278,14 @@ class VLLMEngine:
         del self.llm
 
 
-def engine_for(cfg, max_images: int, rank: int) -> VLLMEngine:
+def engine_for(
+    cfg, max_images: int, rank: int, pixels: tuple[int, int] | None = None
+) -> VLLMEngine:
     """This rank's colocated engine for a training stage of `cfg` (config.Config), taking up to
     `max_images` images a prompt, with random weights: train.py's first sync (or the one before
-    the first validation) fills them."""
+    the first validation) fills them. `pixels` (min, max): the image range the engine is sized
+    for, when it serves several stages (default: `cfg`'s); each request names its own."""
+    min_pixels, max_pixels = pixels or (cfg.min_pixels, cfg.max_pixels)
     return VLLMEngine(
         cfg.model,
         max_model_len=cfg.max_prompt_len + cfg.max_response_len,
@@ -285,8 +295,8 @@ def engine_for(cfg, max_images: int, rank: int) -> VLLMEngine:
         kv_cache_gb=cfg.kv_cache_gb,
         enforce_eager=cfg.enforce_eager or None,
         max_images=max_images,
-        min_pixels=cfg.min_pixels,
-        max_pixels=cfg.max_pixels,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
         load_format="dummy",
     )
 

@@ -82,7 +82,15 @@ from loss import count_for, group_advantages, policy_loss, policy_loss_with_kl, 
 from octopus import SC, split_response
 from packing import encode_prompt, pack, response_logprobs, segment_groups
 from reward import Score, format_reward, score_batch, well_formed
-from rollout import Rollout, Sampling, VLLMEngine, engine_for, model_max_len, render_prompt
+from rollout import (
+    Rollout,
+    Sampling,
+    VLLMEngine,
+    engine_for,
+    image_size,
+    model_max_len,
+    render_prompt,
+)
 
 # =============================================================================================
 # The RL step (arXiv 2602.08503, Sec. 3-4)
@@ -145,6 +153,7 @@ class Trainer:
     device: torch.device
     train: list[dict]  # examples (data.py)
     val: list[dict]
+    image_size: dict | None = None  # this stage's image range, as the processor's `size`
     skipped_rows: int = 0  # bad or over-long rows left out at load, reported in every row
     nonfinite_in_a_row: int = 0  # optimizer steps skipped in a row for a NaN/inf gradient
 
@@ -178,7 +187,8 @@ def generate(trainer: Trainer, prompts: list[dict], step: int) -> list[list[Roll
     sampling = Sampling(
         temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_len
     )
-    rollouts = trainer.engine.generate(prompts, cfg.n_rollouts, sampling)
+    rollouts = trainer.engine.generate(prompts, cfg.n_rollouts, sampling,
+                                       image_size=trainer.image_size)  # fmt: skip
     trainer.engine.sleep()
     return rollouts
 
@@ -462,6 +472,7 @@ def step_metrics(
         for name, value in transition_counts(g.samples).items():
             m.add_total(f"train_{name}", value)  # ... and among trained samples
         m.add("samples_per_prompt", len(g.samples))
+        m.add("prompt_tokens", g.prompt["input_ids"].shape[1])  # images' visual tokens included
         m.add_total("splice_too_long", g.too_long)
     for s in stats:  # the loss statistics and grad_norm of each mini-batch
         for name, value in s.items():
@@ -524,7 +535,8 @@ def validate(trainer: Trainer, step: int) -> dict:
         torch.manual_seed(cfg.seed + 104_729 * (step + 1) + rank)
         top_p, max_len = cfg.val_top_p, cfg.max_response_len
         sampling = Sampling(temperature=cfg.val_temperature, top_p=top_p, max_tokens=max_len)
-        groups = trainer.engine.generate(prompts, cfg.val_n, sampling)
+        groups = trainer.engine.generate(prompts, cfg.val_n, sampling,
+                                         image_size=trainer.image_size)  # fmt: skip
         texts = [tok.decode(g.ids, skip_special_tokens=True) for group in groups for g in group]
         truths = [e["answer"] for e in mine for _ in range(cfg.val_n)]
         for text, s in zip(texts, score_batch(texts, truths, kind="baseline"), strict=True):
@@ -575,6 +587,8 @@ def sft_step(trainer: Trainer, step: int) -> dict:
         trainer.scheduler.step()
     m = Metrics()
     m.add_total("sft_loss", loss_sum)  # the shares of all ranks add up to the global mean
+    for prompt, _ in sequences:
+        m.add("prompt_tokens", prompt["input_ids"].shape[1])  # images' visual tokens included
     m.add_total("bad_images", len(bad))
     m.add("time_update", clock.seconds["update"])
     row = m.reduce()
@@ -590,10 +604,15 @@ def sft_step(trainer: Trainer, step: int) -> dict:
 # =============================================================================================
 
 
-def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLMEngine]:
+def run_stage(
+    cfg: Config, engine: VLLMEngine | None = None, engine_pixels: tuple[int, int] | None = None
+) -> tuple[str, VLLMEngine]:
     """Train one stage ("sft", "1" or "2") from `cfg.model`. Returns the exported checkpoint and
-    the engine, which a following stage reuses (a sync replaces its weights)."""
-    trainer, start, total_steps = build_trainer(cfg, engine)
+    the engine, which a following stage reuses (a sync replaces its weights); `engine_pixels`:
+    the image range a new engine is sized for (all stages of a sequence)."""
+    from transformers import AutoProcessor
+
+    trainer, start, total_steps = build_trainer(cfg, engine, engine_pixels)
     rank, sft = dist.get_rank(), cfg.stage == "sft"
     wandb = None
     if rank == 0 and cfg.wandb_project:
@@ -634,12 +653,16 @@ def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLME
                 break
     export = os.path.join(cfg.out_dir, "export")
     if cfg.export:
-        export_hf(trainer.model, trainer.processor, export)
+        # the base model's processor settings, not this stage's image range: a later stage or
+        # an evaluation sets its own
+        export_hf(trainer.model, AutoProcessor.from_pretrained(cfg.model), export)
         log0(f"[{cfg.stage}] exported {export}")
     return export, trainer.engine
 
 
-def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Trainer, int, int]:
+def build_trainer(
+    cfg: Config, engine: VLLMEngine | None = None, engine_pixels: tuple[int, int] | None = None
+) -> tuple[Trainer, int, int]:
     """Data, policy (and Stage I reference), optimizer, engine; resumed from the newest complete
     checkpoint of `cfg.out_dir` when there is one. Returns the trainer, the step to start from
     and the step to stop at."""
@@ -668,11 +691,15 @@ def build_trainer(cfg: Config, engine: VLLMEngine | None = None) -> tuple[Traine
     if ckpt:
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
         log0(f"[{cfg.stage}] resumed from {ckpt} (step {start})")
-    engine = engine or engine_for(cfg, cfg.max_images or max_images_of(train + val), rank)
-    if engine.image_size is not None:  # the trainer tokenizes images exactly as the engine does
-        processor.image_processor.size = dict(engine.image_size)
+    max_images = cfg.max_images or max_images_of(train + val)
+    engine = engine or engine_for(cfg, max_images, rank, engine_pixels)
+    # this stage's image range: the trainer's processor and every request to the engine (which
+    # may be sized for other stages too) tokenize an image alike
+    size = image_size(cfg.model, cfg.min_pixels, cfg.max_pixels)
+    if size is not None:
+        processor.image_processor.size = dict(size)
     parts = (model, ref_model, optimizer, scheduler, engine, processor, device, train, val)
-    trainer = Trainer(cfg, *parts, skipped_rows=skipped)
+    trainer = Trainer(cfg, *parts, image_size=size, skipped_rows=skipped)
     if sft:
         trainer.engine.sleep()  # the cold start samples only to validate: the engine sleeps till then
     else:
@@ -718,8 +745,10 @@ def run_sequence(stages: list[Config]) -> VLLMEngine:
     if len(stages) > 1 and not stages[0].max_images:  # one engine for all: every stage's images
         limit = images_per_prompt(stages)
         stages = [c.replace(max_images=limit) for c in stages]
+    # ... and every stage's image range (each request then names its stage's own)
+    pixels = min(c.min_pixels for c in stages), max(c.max_pixels for c in stages)
     for cfg in stages:
-        model, engine = run_stage(cfg.replace(model=model), engine)
+        model, engine = run_stage(cfg.replace(model=model), engine, pixels)
     root = os.path.dirname(stages[-1].out_dir)
     log0(f"[done] metrics in {root}/stage-*/metrics.jsonl, final model in {model}")
     return engine

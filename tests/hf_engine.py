@@ -35,7 +35,9 @@ class HFEngine:
         return bool(self.sleeping)
 
     @torch.no_grad()
-    def generate(self, prompts, n, sampling, *, prefixes=None) -> list[list[Rollout]]:
+    def generate(
+        self, prompts, n, sampling, *, prefixes=None, image_size=None
+    ) -> list[list[Rollout]]:
         if self.asleep:
             raise RuntimeError("generate() while the engine sleeps")
         tok = self.processor.tokenizer
@@ -43,7 +45,9 @@ class HFEngine:
         groups = []
         for k, p in enumerate(prompts):
             text = p["prompt"] + (prefixes[k] if prefixes else "")
-            inputs = self.processor(text=[text], images=p["images"] or None, return_tensors="pt")
+            size = {"size": dict(image_size)} if image_size and p["images"] else {}
+            inputs = self.processor(text=[text], images=p["images"] or None, return_tensors="pt",
+                                    **size)  # fmt: skip
             inputs = {key: v.to(self.device) for key, v in inputs.items()}
             n_prompt = inputs["input_ids"].shape[1]
             group = []

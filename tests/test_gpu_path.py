@@ -162,7 +162,7 @@ def test_coldstart_frees_the_first_engine_before_the_second_and_neither_sleeps(
             events.append(("start", model, kw["sleep_mode"]))
             self.model = model
 
-        def generate(self, prompts, n, sampling, prefixes=None):
+        def generate(self, prompts, n, sampling, prefixes=None, image_size=None):
             text = "<think>x</think> \\boxed{1}"
             return [[Rollout([1], [-0.1], text, "stop")] * n for _ in prompts]
 

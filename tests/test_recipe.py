@@ -169,3 +169,46 @@ def test_the_shared_engine_takes_the_most_images_of_any_stage(tmp_path):
     assert images_per_prompt(stages[:1]) == 1  # the cold start alone
     assert images_per_prompt(stages) == 2  # with Stage I and II's data
     assert images_per_prompt([preset("demo-1")]) == 1  # synthetic: one image a prompt
+
+
+# A cold start capped at 4,096 pixels, then Stage I at up to 16,384: the demo's 96x96 dots are
+# 64x64 (4 visual tokens) in the first stage and stay 96x96 (9 tokens) in the second.
+IMAGE_SIZE_SEQUENCE = """
+import json, sys
+import train
+from config import preset
+tiny, out = sys.argv[1], sys.argv[2]
+small = dict(model=tiny, val_every=0, save_every=0, max_steps=1, min_pixels=1024, kv_cache_gb=0.1)
+stages = [
+    preset("demo-sft", **small, out_dir=out + "/stage-sft", sft_batch=2, max_pixels=4096),
+    preset("demo-1", **small, out_dir=out + "/stage-1", prompts_per_step=2, mini_batch_prompts=2,
+           n_rollouts=2, n_train=4, max_response_len=16, max_pixels=16384),
+]
+train.run_sequence(stages).close()
+"""
+
+
+@pytest.mark.slow
+def test_every_stage_trains_at_its_own_image_size(tiny_path, tmp_path):
+    """One engine serves the whole sequence, yet each stage tokenizes its images at its own
+    range (the engine takes each request's size), and no export keeps a stage's narrowing."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-c", IMAGE_SIZE_SEQUENCE, tiny_path, str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def first_row(stage):
+        return json.loads(
+            (tmp_path / f"stage-{stage}" / "metrics.jsonl").read_text().splitlines()[0]
+        )
+
+    # the same prompt text in both stages: the difference is the image's visual tokens
+    assert first_row("1")["prompt_tokens"] - first_row("sft")["prompt_tokens"] == 9 - 4
+    # the engine's log-probs are the trainer's: both saw Stage I's 9 tokens
+    assert first_row("1")["logprob_gap"] < 1e-3
+    from transformers import AutoImageProcessor
+
+    base = AutoImageProcessor.from_pretrained(tiny_path).size
+    for stage in ("sft", "1"):
+        export = tmp_path / f"stage-{stage}" / "export"
+        assert AutoImageProcessor.from_pretrained(str(export)).size == base

@@ -413,7 +413,7 @@ class ScriptedEngine:
     def __init__(self, tokenizer, texts: list[str]):
         self.tok, self.texts, self.calls = tokenizer, texts, []
 
-    def generate(self, prompts, n, sampling, prefixes=None):
+    def generate(self, prompts, n, sampling, prefixes=None, image_size=None):
         from rollout import Rollout
 
         self.calls.append(sampling)
