@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None, grade: Grade | None = None) -> dict:
     import torch.distributed as dist
     from transformers import AutoProcessor
 
-    from rollout import max_images_of
+    from rollout import clamp_model_len, max_images_of
 
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # to gather; each rank has its own engine
@@ -614,7 +614,8 @@ def main(argv: list[str] | None = None, grade: Grade | None = None) -> dict:
     # engine would share with whatever the first left in it
     kw = dict(max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, seed=rank,
               max_images=max_images_of(examples), sleep_mode=False,
-              gpu_memory_utilization=args.gpu_memory_utilization, **pixels)  # fmt: skip
+              gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel=1,
+              **pixels)  # fmt: skip
     judge_kw = {**kw, "max_model_len": min(args.max_model_len, 4096)}  # the release's judge
     engines = Engines({"policy": (args.policy, kw), "judge": (args.judge, judge_kw),
                        "strong": (strong, {**kw, "tensor_parallel": args.tensor_parallel})})  # fmt: skip
@@ -625,7 +626,7 @@ def main(argv: list[str] | None = None, grade: Grade | None = None) -> dict:
     grade = grade or rule_and_judge(engines, processor, bool(args.judge))
     longest = max((prompt_length(processor, {"messages": o1_messages(e, suffix)})
                    for e in examples), default=0)  # fmt: skip
-    budget = args.max_model_len - longest
+    budget = clamp_model_len(args.policy, args.max_model_len) - longest
     o1_sampling, o2_sampling = samplings(args, budget)
     for name, asked, got in (("max_tokens", args.max_tokens, o1_sampling.max_tokens),
                              ("o2_max_tokens", args.o2_max_tokens, o2_sampling.max_tokens)):  # fmt: skip
