@@ -286,7 +286,7 @@ class Engines:
     that is the policy (the release's choice) then costs no engine start."""
 
     def __init__(self, specs: dict[str, tuple[str, dict]]):
-        self.specs, self.live, self.key = specs, None, None
+        self.specs, self.live, self.key, self.rejoins = specs, None, None, 0
 
     def get(self, role: str):
         from rollout import VLLMEngine
@@ -300,11 +300,33 @@ class Engines:
 
     def close(self) -> None:
         if self.live is not None:
+            import torch.distributed as dist
+
             from fsdp import free_cache
 
             self.live.close()
             self.live = self.key = None
             free_cache()
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+                # vLLM's teardown destroyed the default group it shared; the next engine joins
+                # an existing one (else it starts a group of its own TP size, 1) and the
+                # gathers need one
+                self.rejoins += 1
+                rejoin_group(self.rejoins)
+
+
+def rejoin_group(k: int) -> None:
+    """The default gloo group of torchrun's ranks again, the `k`-th time: on torchrun's store
+    under a fresh prefix, since the keys of the group destroyed are still there (joining under
+    them waits for peers that left)."""
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent)  # fmt: skip
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"coldstart-{k}", store),
+                            rank=rank, world_size=world)  # fmt: skip
 
 
 # grade(phase, texts, examples) -> one True / False / None (ungradable) per text; phase "o1"
@@ -328,12 +350,11 @@ def rule_and_judge(engines: Engines | None, processor, has_judge: bool) -> Grade
         for i, s in zip(by_rule, scores, strict=True):
             out[i] = s.acc_final == 1.0
         asked = [i for i, v in enumerate(out) if v is None]
-        if asked and has_judge:
+        judge = engines.get("judge") if has_judge else None  # every rank, asked or not
+        if asked and judge is not None:
             prompts = [render_prompt(processor, judge_messages(
                 question_text(examples[i]), examples[i]["answer"], answers[i])) for i in asked]  # fmt: skip
-            groups = engines.get("judge").generate(
-                prompts, 1, Sampling(temperature=0.0, max_tokens=20)
-            )
+            groups = judge.generate(prompts, 1, Sampling(temperature=0.0, max_tokens=20))
             for i, g in zip(asked, groups, strict=True):
                 out[i] = judge_verdict(g[0].text)
         return out
@@ -398,7 +419,8 @@ def sample_o1(
             except ValueError as e:  # data.DataError: the row, the field and why
                 bad.append(str(e))
         prompts = [render_prompt(processor, o1_messages(cache[k], suffix)) for k in mine]
-        groups = engines.get("policy").generate(prompts, samples, sampling) if mine else []
+        policy = engines.get("policy")  # on every rank: engines start together under torchrun
+        groups = policy.generate(prompts, samples, sampling) if mine else []
         o1s = [[split_response(g.text)[0] for g in group] for group in groups]
         flat = [o for group in o1s for o in group]
         grades = grade("o1", flat, [examples[k] for k in mine for _ in range(samples)])
@@ -452,7 +474,8 @@ def write_o2(
     mine = [r for r in kept if r["rank"] == rank]
     prompts = [render_prompt(processor, strong_messages(_decoded(examples, cache, r["index"]),
                                                         r["o1"][r["chosen"]])) for r in mine]  # fmt: skip
-    groups = engines.get("strong").generate(prompts, 1, sampling) if mine else []
+    strong = engines.get("strong") if kept else None  # every rank, even one with no share
+    groups = strong.generate(prompts, 1, sampling) if mine else []
     o2s = [g[0].text.strip() for g in groups]
     formed = [well_formed(o2) for o2 in o2s]
     grades = grade("o2", o2s, [examples[r["index"]] for r in mine])

@@ -362,24 +362,30 @@ def test_strong_model_flags_and_the_judge(monkeypatch, tmp_path, tiny_path):
 @pytest.mark.slow
 def test_two_ranks_sample_their_shares_and_write_one_file(tiny_path, tmp_path):
     """torchrun --nproc_per_node 2 (gloo): each rank samples half the inputs with its own
-    engine; rank 0 writes one file with every kept input's row, in the kept order."""
+    policy engine, closes it and starts its strong one (the tiny model under another path);
+    rank 0 writes one file with every kept input's row, in the kept order."""
+    os.symlink(tiny_path, tmp_path / "strong")
+    run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "tests", "torchrun_coldstart.py"), tiny_path, str(tmp_path)]  # fmt: skip
+           os.path.join(ROOT, "tests", "torchrun_coldstart.py"), tiny_path,
+           str(tmp_path / "strong"), str(run)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((tmp_path / "cs.jsonl.summary.json").read_text())
+    summary = json.loads((run / "cs.jsonl.summary.json").read_text())
     # synthetic:6, ids dots-777-0..5: by i % 3 all-correct, mixed, all-wrong; --inputs 4
     assert summary["o1_inputs_per_rank"] == [3, 3] and summary["inputs_sampled"] == 6
     assert (summary["inputs_all_correct"], summary["inputs_mixed"], summary["inputs_all_wrong"]) == (
         2, 2, 2)  # fmt: skip
     assert (summary["kept_all_correct"], summary["kept_mixed"], summary["written"]) == (2, 2, 4)
-    rows = [json.loads(line) for line in open(tmp_path / "cs.jsonl")]
-    assert [r["id"] for r in rows] == [json.loads(line)["id"] for line in
-                                       open(tmp_path / "cs.jsonl.o1.jsonl")][1:]  # fmt: skip
-    assert sorted(os.listdir(tmp_path / "images")) == sorted(f"{r['id']}_0.png" for r in rows)
-    assert sorted(os.listdir(tmp_path)) == sorted(["cs.jsonl", "cs.jsonl.o1.jsonl",
-                                                   "cs.jsonl.summary.json", "images"])  # fmt: skip
+    rows = [json.loads(line) for line in open(run / "cs.jsonl")]
+    kept = [json.loads(line) for line in open(run / "cs.jsonl.o1.jsonl")][1:]
+    assert [r["id"] for r in rows] == [r["id"] for r in kept]
+    assert sorted(r["rank"] for r in kept) == [0, 0, 1, 1]  # each rank's o2 for its own o1
+    assert sorted(os.listdir(run / "images")) == sorted(f"{r['id']}_0.png" for r in rows)
+    assert sorted(os.listdir(run)) == sorted(["cs.jsonl", "cs.jsonl.o1.jsonl",
+                                              "cs.jsonl.summary.json", "images"])  # fmt: skip
+    assert proc.stderr.count("round 1: 4 inputs") == 1  # rank 0 alone says it
 
 
 @pytest.mark.slow
