@@ -649,12 +649,13 @@ def main(argv: list[str] | None = None, grade: Grade | None = None) -> dict:
     grade = grade or rule_and_judge(engines, processor, bool(args.judge))
     longest = max((prompt_length(processor, {"messages": o1_messages(e, suffix)})
                    for e in examples), default=0)  # fmt: skip
-    budget = clamp_model_len(args.policy, args.max_model_len) - longest
+    context = clamp_model_len(args.policy, args.max_model_len)
+    budget = context - longest
     o1_sampling, o2_sampling = samplings(args, budget)
     for name, asked, got in (("max_tokens", args.max_tokens, o1_sampling.max_tokens),
                              ("o2_max_tokens", args.o2_max_tokens, o2_sampling.max_tokens)):  # fmt: skip
         if got < asked:
-            log(f"{name} {asked} does not fit the {args.max_model_len}-token context after the "
+            log(f"{name} {asked} does not fit the {context}-token context after the "
                 f"longest prompt ({longest} tokens): using {got}")  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     o1_file, cache = args.out + ".o1.jsonl", {}
