@@ -172,14 +172,16 @@ def test_coldstart_frees_the_first_engine_before_the_second_and_neither_sleeps(
     monkeypatch.setattr(rollout, "VLLMEngine", Engine)
     monkeypatch.setattr(fsdp, "free_cache", lambda: events.append(("free",)))
     out = tmp_path / "cold.jsonl"
+    mixed = lambda phase, texts, examples: [k % 2 == 0 for k in range(len(texts))]  # noqa: E731
     counts = coldstart.main(["--policy", tiny_path, "--strong", "strong-model", "--data",
-                             "synthetic:2", "--out", str(out), "--samples", "2"])  # fmt: skip
+                             "synthetic:2", "--out", str(out), "--samples", "2"], grade=mixed)  # fmt: skip
     assert events == [
         ("start", tiny_path, False),
         ("close", tiny_path),
         ("free",),
         ("start", "strong-model", False),
         ("close", "strong-model"),
+        ("free",),
     ]
     assert counts["o1_samples"] == 4
-    assert json.loads((tmp_path / "cold.jsonl.counts.json").read_text()) == counts
+    assert json.loads((tmp_path / "cold.jsonl.summary.json").read_text()) == counts
