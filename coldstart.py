@@ -550,15 +550,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def samplings(args: argparse.Namespace, budget: int | None = None) -> tuple:
-    """The o1 and o2 `Sampling`s of the flags, their lengths capped at `budget` tokens."""
-    from rollout import Sampling
+def samplings(args: argparse.Namespace, context: int, longest_prompt: int) -> tuple:
+    """The o1 and o2 `Sampling`s of the flags, their lengths fitted to a `context`-token engine
+    after the longest prompt (`rollout.fit_max_tokens`)."""
+    from rollout import Sampling, fit_max_tokens
 
-    cap = budget if budget is not None else max(args.max_tokens, args.o2_max_tokens)
     o1 = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  max_tokens=min(args.max_tokens, cap))  # fmt: skip
+                  max_tokens=fit_max_tokens(args.max_tokens, context, longest_prompt))  # fmt: skip
     o2 = Sampling(temperature=args.o2_temperature, top_p=args.o2_top_p,
-                  max_tokens=min(args.o2_max_tokens, cap))  # fmt: skip
+                  max_tokens=fit_max_tokens(args.o2_max_tokens, context, longest_prompt))  # fmt: skip
     return o1, o2
 
 
@@ -648,8 +648,7 @@ def main(argv: list[str] | None = None, grade: Grade | None = None) -> dict:
     longest = max((prompt_length(processor, {"messages": o1_messages(e, suffix)})
                    for e in examples), default=0)  # fmt: skip
     context = clamp_model_len(args.policy, args.max_model_len)
-    budget = context - longest
-    o1_sampling, o2_sampling = samplings(args, budget)
+    o1_sampling, o2_sampling = samplings(args, context, longest)
     for name, asked, got in (("max_tokens", args.max_tokens, o1_sampling.max_tokens),
                              ("o2_max_tokens", args.o2_max_tokens, o2_sampling.max_tokens)):  # fmt: skip
         if got < asked:

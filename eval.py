@@ -718,11 +718,6 @@ def load_eval_data(
 # =============================================================================================
 
 
-def fit_max_tokens(max_tokens: int, max_model_len: int, longest_prompt: int) -> int:
-    """The response budget that lets the longest prompt and its response fit the context."""
-    return max(0, min(max_tokens, max_model_len - longest_prompt))
-
-
 def run(
     engine,
     processor,
@@ -1025,7 +1020,7 @@ def evaluate(engine, processor, examples, args, out: str, rank: int, world: int,
     (`score/` or `score_<k>/`; the summary's `vlmevalkit`, `score@1`, `score@2`)."""
     import torch.distributed as dist
 
-    from rollout import Sampling
+    from rollout import Sampling, fit_max_tokens
 
     lengths = [prompt_length(processor, e) for e in examples]
     longest = max(lengths, default=0)

@@ -354,6 +354,12 @@ def model_max_len(model: str) -> int:
     return min(lengths)
 
 
+def fit_max_tokens(max_tokens: int, max_model_len: int, longest_prompt: int) -> int:
+    """The response budget: `max_tokens`, cut so that the longest prompt and its response fit
+    the engine's context of `max_model_len` tokens (0 when the prompt alone does not)."""
+    return max(0, min(max_tokens, max_model_len - longest_prompt))
+
+
 def clamp_model_len(model: str, max_model_len: int) -> int:
     """`max_model_len` cut to what `model` allows, with one line saying so."""
     limit = model_max_len(model)

@@ -264,12 +264,6 @@ def test_direct_stops_sampling_at_the_correction_tag(processor):
             assert rec["tokens"] == len(tok.encode(full)) > len(tok.encode(box(2))) + 5
 
 
-def test_fit_max_tokens():
-    assert ev.fit_max_tokens(16384, 32768, 1000) == 16384
-    assert ev.fit_max_tokens(16384, 4096, 180) == 3916
-    assert ev.fit_max_tokens(100, 4096, 5000) == 0
-
-
 @pytest.mark.slow  # a Python process
 def test_help_exits_0_without_work(tmp_path):
     proc = cli("--help")

@@ -19,6 +19,7 @@ from rollout import (
     VLLMEngine,
     check_tensor_parallel,
     checkpoint_name,
+    fit_max_tokens,
     model_max_len,
     narrow_image_size,
     render_prompt,
@@ -310,3 +311,9 @@ def test_sleep_state_and_cache_reset_on_every_device(engine, prompts, hf_model):
         engine.wake()
         engine.sync_weights(hf_model.state_dict().items())
     assert [g[0].ids for g in engine.generate(prompts[:1], 1, greedy)] == [before[0][0].ids]
+
+
+def test_fit_max_tokens():
+    assert fit_max_tokens(16384, 32768, 1000) == 16384
+    assert fit_max_tokens(16384, 4096, 180) == 3916
+    assert fit_max_tokens(100, 4096, 5000) == 0
