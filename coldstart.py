@@ -617,8 +617,11 @@ def main(argv: list[str] | None = None, grade: Grade | None = None) -> dict:
     from data import max_images_of
     from rollout import clamp_model_len
 
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # to gather; each rank has its own engine
+    # a group of our own only under torchrun, to gather; each rank has its own engine. In one
+    # process with other engines (tests), the group vLLM made is theirs: never destroyed here
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
 
     def log(line: str) -> None:
@@ -686,7 +689,7 @@ def main(argv: list[str] | None = None, grade: Grade | None = None) -> dict:
                 f"mixed inputs in {summary['inputs_sampled']} sampled: fewer than --inputs "
                 f"{args.inputs} (more rows, or a judge, would fill it)")  # fmt: skip
     engines.close()
-    if dist.is_initialized():
+    if own_group and dist.is_initialized():
         dist.destroy_process_group()
     return summary
 
