@@ -51,6 +51,11 @@ from loss import token_logprobs
 
 ATTENTION = "octopus_packed"
 PACKINGS = ("tree", "prompt", "sample")
+# A shared node saving fewer tokens than this is copied into its children (`token_tree`). Each
+# node costs a few kernel launches per layer (two concatenations, the attention, their
+# backward); at 8B on an H100 a layer computes a token in a few microseconds, so a node pays
+# for its launches once it saves a few dozen tokens.
+MIN_SAVED = 32
 
 
 @dataclass
@@ -94,15 +99,22 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
-def token_tree(responses: Sequence[Sequence[int]]) -> tuple[list[tuple[int, list[int]]], list[int]]:
+def token_tree(
+    responses: Sequence[Sequence[int]], min_saved: int = 0
+) -> tuple[list[tuple[int, list[int]]], list[int]]:
     """The responses of one segment as a compressed trie of their token ids, below the prompt.
 
     Returns `(nodes, ends)`: `nodes[v] = (parent, ids)` in depth-first pre-order (a parent
     before its children, -1 the root: the prompt), and `ends[k]` the node where response k's
     path ends (-1 for an empty response). Response k's ids are the concatenated ids of the
-    nodes from the root to `ends[k]`. No two children of a node start with the same token, and
-    a node with one child ends some response, so no tree over these paths has fewer tokens:
-    `tree_tokens(responses)` of them.
+    nodes from the root to `ends[k]`. With `min_saved` 0, no two children of a node start with
+    the same token, and a node with one child ends some response, so no tree over these paths
+    has fewer tokens: `tree_tokens(responses)` of them.
+
+    `min_saved`: a shared node that saves fewer tokens than this (its length times its
+    children less one) and ends no response is copied into each of its children instead: the
+    same paths, a few tokens more, one attention call per layer fewer (a `<think>` opening
+    shared by every response is not worth a call of its own).
 
     Built from the responses in sorted order and the common prefixes of neighbours (the way a
     suffix tree is built from a suffix array): O(total tokens) besides the sort.
@@ -138,12 +150,17 @@ def token_tree(responses: Sequence[Sequence[int]]) -> tuple[list[tuple[int, list
             top = leaf
         ends[k] = top
         prev = r
-    # number the nodes depth-first, children in sorted order (root left out)
-    number, nodes, stack = {0: -1}, [], list(reversed(children[0]))
+    # number the nodes depth-first, children in sorted order (root left out), parents first so
+    # that a node copied into its children makes them longer before they are weighed
+    number, nodes, stack, ending = {0: -1}, [], list(reversed(children[0])), set(ends)
     while stack:
         v = stack.pop()
-        number[v] = len(nodes)
-        nodes.append((number[parent[v]], list(responses[source[v]][start[v] : end[v]])))
+        if v not in ending and (end[v] - start[v]) * (len(children[v]) - 1) < min_saved:
+            for c in children[v]:  # each child's source runs through v: it starts where v did
+                start[c], parent[c] = start[v], parent[v]
+        else:
+            number[v] = len(nodes)
+            nodes.append((number[parent[v]], list(responses[source[v]][start[v] : end[v]])))
         stack.extend(reversed(children[v]))
     return nodes, [number[v] for v in ends]
 
@@ -162,12 +179,17 @@ def _check(packing: str) -> None:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
 
 
-def segment_cost(prompt_len: int, responses: Sequence[Sequence[int]], packing: str = "tree") -> int:
+def segment_cost(
+    prompt_len: int,
+    responses: Sequence[Sequence[int]],
+    packing: str = "tree",
+    min_saved: int = MIN_SAVED,
+) -> int:
     """Tokens of one segment's packed row under `packing`: its prompt once ("tree", "prompt")
     or once per response ("sample"), plus its responses' tokens ("tree": the tree's)."""
     _check(packing)
     if packing == "tree":
-        return prompt_len + tree_tokens(responses)
+        return prompt_len + sum(len(ids) for _, ids in token_tree(responses, min_saved)[0])
     copies = len(responses) if packing == "sample" else min(len(responses), 1)
     return copies * prompt_len + sum(map(len, responses))
 
@@ -178,6 +200,7 @@ def segment_groups(
     budget: int,
     *,
     packing: str = "tree",
+    min_saved: int = MIN_SAVED,
     shared: bool | None = None,
 ) -> list[tuple[int, list[int]]]:
     """Groups cut into segments of at most `budget` tokens, as `(group, response indices)`
@@ -196,21 +219,25 @@ def segment_groups(
     _check(packing)
     segments = []
     for g, (prompt, rs) in enumerate(zip(prompt_lens, responses, strict=True)):
-        lengths = [r if isinstance(r, int) else len(r) for r in rs]
         if packing == "tree" and any(isinstance(r, int) for r in rs):
             raise TypeError(f"segment_groups: group {g} gives lengths; the tree needs the ids")
+        if packing == "sample":
+            segments += [(g, [k]) for k in range(len(rs))]
+            continue
+        lengths = [r if isinstance(r, int) else len(r) for r in rs]
+
+        def cost_of(ks: list[int], prompt=prompt, rs=rs, lengths=lengths) -> int:
+            if packing == "tree":
+                return segment_cost(prompt, [rs[k] for k in ks], "tree", min_saved)
+            return prompt + sum(lengths[k] for k in ks)
+
         order = sorted(range(len(rs)), key=lambda k: rs[k]) if packing == "tree" else range(len(rs))
-        current, cost, prev = [], prompt, None
+        current: list[int] = []
         for k in order:
-            added = lengths[k] - (
-                common_prefix(prev, rs[k]) if packing == "tree" and current else 0
-            )
-            if current and (packing == "sample" or cost + added > budget):
+            if current and cost_of([*current, k]) > budget:
                 segments.append((g, sorted(current)))
-                current, cost, added = [], prompt, lengths[k]
+                current = []
             current.append(k)
-            cost += added
-            prev = rs[k]
         if current:
             segments.append((g, sorted(current)))
     return segments
@@ -222,10 +249,13 @@ def segment_groups(
 
 
 def pack(
-    segments: list[tuple[dict, list[list[int]]]], rope_index: Callable, packing: str = "tree"
+    segments: list[tuple[dict, list[list[int]]]],
+    rope_index: Callable,
+    packing: str = "tree",
+    min_saved: int = MIN_SAVED,
 ) -> Packed:
     """Pack one micro-batch's `(prompt, responses)` segments into one row, each segment's
-    responses laid out by `packing` (`PACKINGS`).
+    responses laid out by `packing` (`PACKINGS`; "tree": `token_tree(responses, min_saved)`).
 
     `prompt` is the processor's output for one rendered prompt (`input_ids` (1, P),
     `mm_token_type_ids` (1, P), and `pixel_values` / `image_grid_thw` when it has images);
@@ -251,7 +281,7 @@ def pack(
         at = prompt_end
         first_position = int(p_pos.max()) + 1  # every path continues the prompt from here
         if packing == "tree":
-            nodes, ends = token_tree(responses)
+            nodes, ends = token_tree(responses, min_saved)
         else:  # every response a child of the prompt
             nodes, ends = [], []
             for r in responses:

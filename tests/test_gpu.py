@@ -150,7 +150,7 @@ def test_tree_packing_equals_per_sample_forwards_under_the_gpu_kernels(tiny_path
     def run(model, tree: bool):
         model.zero_grad(set_to_none=True)
         if tree:
-            packed = packing.pack(groups, model.model.get_rope_index, "tree")
+            packed = packing.pack(groups, model.model.get_rope_index, "tree", min_saved=0)
             assert packed.gather is not None  # the groups do share beyond the prompt
             logps = packing.response_logprobs(model, packed, device)
         else:

@@ -170,7 +170,7 @@ def test_dropping_the_gradient_through_shared_keys_is_caught(model, processor, p
     weights = torch.linspace(-1, 1, sum(map(len, responses)))
 
     def loss():
-        packed = pack(groups, model.model.get_rope_index)
+        packed = pack(groups, model.model.get_rope_index, min_saved=0)
         return (torch.cat(response_logprobs(model, packed, torch.device("cpu"))) * weights).sum()
 
     right = grads_of(model, loss)
@@ -225,21 +225,26 @@ def test_segment_groups_tree_cuts_runs_of_neighbouring_paths():
     # sorted: [1,2] [1,2,3,4] [1,2,3,4] [1,2,3,5,6] [1,9] [7]; each adds its length less what
     # it shares with the one before: 2, 2, 0, 2 -> 10 + 6 = 16; then [1,9] would add 1 > 16
     rs = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2], [7], [1, 2, 3, 4], [1, 9]]
-    assert segment_groups([10], [rs], budget=16) == [(0, [0, 1, 2, 4]), (0, [3, 5])]
+    assert segment_groups([10], [rs], budget=16, min_saved=0) == [(0, [0, 1, 2, 4]), (0, [3, 5])]
     # the second share repeats its ancestor [1] (a path stays whole): 10 + [1, 9] + [7]
-    assert segment_cost(10, [rs[3], rs[5]]) == 13
-    assert segment_groups([10], [rs], budget=100) == [(0, [0, 1, 2, 3, 4, 5])]
-    assert segment_cost(10, rs) == 10 + tree_tokens(rs) == 10 + 8  # 1 2 3 4, 5 6, 9, 7
+    assert segment_cost(10, [rs[3], rs[5]], min_saved=0) == 13
+    assert segment_groups([10], [rs], budget=100, min_saved=0) == [(0, [0, 1, 2, 3, 4, 5])]
+    assert segment_cost(10, rs, min_saved=0) == 10 + tree_tokens(rs) == 10 + 8  # 1 2 3 4 5 6 9 7
+    # nodes saving under 2 tokens copied into their children: [1] and [3] (the end [1, 2] is
+    # kept): [1, 2] [3, 4] [3, 5, 6] [1, 9] [7]
+    assert segment_cost(10, rs, min_saved=2) == 10 + 10
     assert segment_cost(10, rs, "prompt") == 10 + 18
     assert segment_cost(10, rs, "sample") == 6 * 10 + 18
     # a response longer than the budget alone: its own segment
-    assert segment_groups([10], [[[1] * 50, [2]]], budget=20) == [(0, [0]), (0, [1])]
+    assert segment_groups([10], [[[1] * 50, [2]]], budget=20, min_saved=0) == [(0, [0]), (0, [1])]
 
 
 def test_pack_tree_layout_positions_predictors_and_gather(processor, model):
     ((prompt, _),) = groups_for(processor, True, (1,))
     # sorted: [5], [7,8,4,4], [7,8,9] -> nodes [5] | [7,8] < [4,4], [9]
-    packed = pack([(prompt, [[7, 8, 9], [7, 8, 4, 4], [5]])], model.model.get_rope_index)
+    packed = pack(
+        [(prompt, [[7, 8, 9], [7, 8, 4, 4], [5]])], model.model.get_rope_index, min_saved=0
+    )
     P = prompt["input_ids"].shape[1]
     assert packed.layout == [
         (0, P, [(P, P + 1, -1), (P + 1, P + 3, -1), (P + 3, P + 5, 1), (P + 5, P + 6, 1)])
@@ -356,12 +361,15 @@ def _loss_inputs(samples, stage, seed):
     return padded([m[0] for m in masks]), padded([m[1] for m in masks]), old, ref, adv
 
 
-@pytest.mark.parametrize("budget", [None, 260])
+@pytest.mark.parametrize(("budget", "min_saved"), [(None, 0), (260, 0), (None, 25)])
 @pytest.mark.parametrize("stage", ["1", "2"])
-def test_tree_gradients_equal_per_sample_on_octopus_groups(model, processor, stage, budget):
+def test_tree_gradients_equal_per_sample_on_octopus_groups(
+    model, processor, stage, budget, min_saved
+):
     """Stage I (Eq. 5: GSPO-token ratio over o2, k3 KL on o1) and Stage II (Eq. 2: the sequence
     ratio under the Sec. 4.3 masks) over two Octopus groups, the tree against plain per-sample
-    forwards; with a budget that splits each group into shares (each repeating its ancestors)."""
+    forwards; with a budget that splits each group into shares (each repeating its ancestors),
+    and with short shared nodes copied into their children."""
     prompts = [p for p, _ in groups_for(processor, True, (1, 1), seed=5)]
     built = [octopus_group(processor, seed=s) for s in (0, 1)]
     groups = [(p, rs) for p, (rs, _) in zip(prompts, built, strict=True)]
@@ -381,7 +389,8 @@ def test_tree_gradients_equal_per_sample_on_octopus_groups(model, processor, sta
 
     def tree_logprobs():
         prompt_lens = [p["input_ids"].shape[1] for p, _ in groups]
-        cut = segment_groups(prompt_lens, [rs for _, rs in groups], budget or 10**9)
+        cut = segment_groups(prompt_lens, [rs for _, rs in groups], budget or 10**9,
+                             min_saved=min_saved)  # fmt: skip
         if budget:  # shares of a group: at least one split, every share in its own forward
             assert len(cut) > len(groups)
             rows = [[(groups[g][0], [groups[g][1][k] for k in ks])] for g, ks in cut]
@@ -389,11 +398,16 @@ def test_tree_gradients_equal_per_sample_on_octopus_groups(model, processor, sta
             assert len(cut) == len(groups)
             rows = [groups]
         logps = [lp for row in rows for lp in
-                 response_logprobs(model, pack(row, model.model.get_rope_index), torch.device("cpu"))]  # fmt: skip
+                 response_logprobs(model, pack(row, model.model.get_rope_index, "tree", min_saved),
+                                   torch.device("cpu"))]  # fmt: skip
         order = [(g, k) for g, ks in cut for k in ks]
         at = {gk: i for i, gk in enumerate(order)}
         return [logps[at[g, k]] for g in range(len(groups)) for k in range(len(groups[g][1]))]
 
+    if min_saved:  # some shared nodes copied into their children, some kept
+        for _, rs in groups:
+            kept = sum(len(ids) for _, ids in token_tree(rs, min_saved)[0])
+            assert tree_tokens(rs) < kept < sum(map(len, rs)), (tree_tokens(rs), kept)
     with torch.no_grad():
         want = [reference_logprobs(model, p, r) for p, rs in groups for r in rs]
         got = tree_logprobs()
@@ -413,9 +427,9 @@ def test_packings_differ_in_row_length_not_in_log_probs(model, processor):
     P = prompt["input_ids"].shape[1]
     rows = {}
     for mode in PACKINGS:
-        packed = pack([(prompt, responses)], model.model.get_rope_index, mode)
+        packed = pack([(prompt, responses)], model.model.get_rope_index, mode, min_saved=0)
         rows[mode] = packed.inputs["input_ids"].shape[1]
-        assert rows[mode] == segment_cost(P, responses, mode)
+        assert rows[mode] == segment_cost(P, responses, mode, min_saved=0)
     assert rows["tree"] < rows["prompt"] < rows["sample"], rows
 
 
@@ -423,9 +437,9 @@ ids_lists = st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=8), min_si
 
 
 @settings(max_examples=300, deadline=None)
-@given(ids_lists)
-def test_token_tree_paths_rebuild_every_response_and_the_tree_is_minimal(responses):
-    nodes, ends = token_tree(responses)
+@given(ids_lists, st.sampled_from([0, 0, 1, 2, 3, 5, 8]))
+def test_token_tree_paths_rebuild_every_response_and_the_tree_is_minimal(responses, min_saved):
+    nodes, ends = token_tree(responses, min_saved)
     for k, r in enumerate(responses):
         path, v = [], ends[k]
         while v >= 0:
@@ -437,6 +451,12 @@ def test_token_tree_paths_rebuild_every_response_and_the_tree_is_minimal(respons
     children: dict[int, list[int]] = {}
     for v, (up, _) in enumerate(nodes):
         children.setdefault(up, []).append(v)
+    for v, kids in children.items():  # a kept shared node saves what it must
+        assert v < 0 or v in ends or len(nodes[v][1]) * (len(kids) - 1) >= min_saved
+    tokens = sum(len(ids) for _, ids in nodes)
+    assert tokens >= tree_tokens(responses)
+    if min_saved:
+        return
     for kids in children.values():  # no two children of a node start alike
         firsts = [nodes[v][1][0] for v in kids]
         assert len(set(firsts)) == len(firsts)
@@ -444,4 +464,4 @@ def test_token_tree_paths_rebuild_every_response_and_the_tree_is_minimal(respons
         assert len(children.get(v, [])) != 1 or v in ends
     # the tree holds each distinct non-empty prefix once: no tree over these paths is smaller
     prefixes = {tuple(r[:n]) for r in responses for n in range(1, len(r) + 1)}
-    assert sum(len(ids) for _, ids in nodes) == tree_tokens(responses) == len(prefixes)
+    assert tokens == tree_tokens(responses) == len(prefixes)
