@@ -24,7 +24,8 @@ are computed once, attending to all of their ancestors and causally to themselve
 sample's log-probs are gathered along its path, so the loss, its masks, the KL and the
 sequence-level ratios see exactly the per-sample values, and a shared token's gradient is the
 sum of its uses (tests/test_packing.py compares log-probs and gradients with plain per-sample
-forwards).
+forwards). A shared node too short to pay for its own attention call (`MIN_SAVED`) is copied
+into its children instead.
 
 `packing` (one of `PACKINGS`) says how a segment's responses are laid out:
 
@@ -166,8 +167,9 @@ def token_tree(
 
 
 def tree_tokens(responses: Sequence[Sequence[int]]) -> int:
-    """Tokens of `token_tree(responses)`: every distinct prefix once, i.e. the total length
-    less the common prefix of each response with its neighbour in sorted order."""
+    """Tokens of the smallest tree, `token_tree(responses)` (`min_saved` 0): every distinct
+    prefix once, i.e. the total length less the common prefix of each response with its
+    neighbour in sorted order."""
     ordered = sorted(responses)
     return sum(map(len, ordered)) - sum(
         common_prefix(a, b) for a, b in zip(ordered, ordered[1:], strict=False)
