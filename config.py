@@ -105,9 +105,9 @@ class Config:
     logprob_token_budget: int = knob(
         32768, "tokens per micro-batch of the log-prob passes, per rank"
     )
-    shared_prompt: bool = knob(
-        True,
-        "run each group's prompt once and pack its responses after it (exact; false: once per sample)",
+    packing: Literal["tree", "prompt", "sample"] = knob(
+        "tree",
+        'how a group is packed for the forward, all exact: "tree" (every shared prefix once: the prompt, a splice\'s o1 + SC), "prompt" (the prompt once), "sample" (a prompt per sample)',
     )
     max_prompt_len: int = knob(
         2048,

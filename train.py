@@ -80,7 +80,7 @@ from fsdp import (
 )
 from loss import count_for, group_advantages, policy_loss, policy_loss_with_kl, sft_loss
 from octopus import SC, split_response
-from packing import encode_prompt, pack, response_logprobs, segment_groups
+from packing import encode_prompt, pack, response_logprobs, segment_cost, segment_groups
 from reward import Score, format_reward, score_batch, well_formed
 from rollout import (
     Rollout,
@@ -377,19 +377,21 @@ def forward_micro_batches(
     `logps` the log-probs of those responses' tokens (one (n,) tensor each, in segment order),
     `real` False for a pass that only keeps the ranks in step (fsdp.micro_batches).
 
-    The batching words (mini-batch -> micro-batch -> segment) are packing.py's. Each group's
-    prompt runs once per micro-batch it appears in, not once per sample: with 16 samples per
+    The batching words (mini-batch -> micro-batch -> segment) are packing.py's. With
+    `packing="tree"` each segment runs every prefix its samples share once (the prompt, and a
+    splice's o1 + SC that its original also holds), not once per sample: with 16 samples per
     prompt that removes most of the prompt tokens of the update and of both log-prob passes.
     """
+    packing = trainer.cfg.packing
     prompt_lens = [prompt["input_ids"].shape[1] for prompt, _ in sequences]
-    response_lens = [[len(ids) for ids in responses] for _, responses in sequences]
-    cut = segment_groups(prompt_lens, response_lens, budget, shared=trainer.cfg.shared_prompt)
-    costs = [prompt_lens[g] + sum(response_lens[g][k] for k in ks) for g, ks in cut]
+    responses = [rs for _, rs in sequences]
+    cut = segment_groups(prompt_lens, responses, budget, packing=packing)
+    costs = [segment_cost(prompt_lens[g], [responses[g][k] for k in ks], packing) for g, ks in cut]
     rope_index = model.model.get_rope_index
     for indices, real in micro_batches(costs, budget):
         segments = [cut[i] for i in indices]
-        rows = [(sequences[g][0], [sequences[g][1][k] for k in ks]) for g, ks in segments]
-        packed = pack(rows, rope_index)  # the micro-batch in one row (packing.py)
+        rows = [(sequences[g][0], [responses[g][k] for k in ks]) for g, ks in segments]
+        packed = pack(rows, rope_index, packing)  # the micro-batch in one row (packing.py)
         temperature = trainer.cfg.temperature
         yield segments, response_logprobs(model, packed, trainer.device, temperature), real
 

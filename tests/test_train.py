@@ -193,8 +193,8 @@ def test_each_stage_learns_and_bad_rows_are_counted(stages, tiny_path):
 @pytest.mark.slow
 def test_gradient_is_the_same_on_one_and_two_ranks(checks):
     # different token budgets and packings too: the micro-batches differ as well as the ranks
-    one = "600:seq:shared,250:token:shared,400:seq:per_sample"
-    two = "1200:seq:shared,500:token:shared,300:seq:per_sample"
+    one = "600:seq:tree,250:token:prompt,400:seq:sample"
+    two = "1200:seq:prompt,500:token:tree,300:seq:tree"
     for a, b in zip(one.split(","), two.split(","), strict=True):
         ga = torch.load(checks / f"grads_world1_{a.replace(':', '_')}.pt")
         gb = torch.load(checks / f"grads_world2_{b.replace(':', '_')}.pt")
@@ -206,11 +206,22 @@ def test_gradient_is_the_same_on_one_and_two_ranks(checks):
     # have a gradient (demo-1's kl_coef is 0.01)
     kl = json.load(open(checks / "kl_terms.json"))
     assert kl["n"] >= 4 and kl["below_clamp"] == kl["n"], kl
-    # shared and per-sample prompts give the same gradient (seq aggregation, two budgets)
-    shared = torch.load(checks / "grads_world1_600_seq_shared.pt")
-    per_sample = torch.load(checks / "grads_world1_400_seq_per_sample.pt")
+    # a group packed as a tree and one prompt per sample give the same gradient (seq, two budgets)
+    shared = torch.load(checks / "grads_world1_600_seq_tree.pt")
+    per_sample = torch.load(checks / "grads_world1_400_seq_sample.pt")
     worst = max((shared[k] - per_sample[k]).abs().max().item() for k in shared)
     assert worst < 1e-5, worst
+
+
+@pytest.mark.slow
+def test_tree_and_prompt_packing_end_two_stage1_and_two_stage2_updates_in_the_same_weights(checks):
+    got = json.loads((checks / "packing.json").read_text())
+    tokens = got["tokens"]  # the tree ran each shared o1 + SC once
+    assert tokens["tree"] < 0.8 * tokens["prompt"] < 0.8 * tokens["sample"], got
+    # the same weights up to float rounding: no farther apart than two other exact packings
+    # (within a factor for the noise), and far below how much the four updates moved them
+    assert got["tree_vs_prompt"] < 3 * got["prompt_vs_sample"] + 1e-6, got
+    assert got["tree_vs_prompt"] < 0.01 * got["moved"], got
 
 
 @pytest.mark.slow
@@ -366,9 +377,9 @@ def test_every_flag_has_help_and_one_spelling():
 
     assert all(f.metadata.get("help") for f in dataclasses.fields(Config))
     name, overrides, flags = parse_args(
-        ["--preset", "gspo-n16", "--lr", "2e-6", "--shared_prompt", "false"]
+        ["--preset", "gspo-n16", "--lr", "2e-6", "--packing", "prompt"]
     )
-    assert name == "gspo-n16" and overrides == {"lr": 2e-6, "shared_prompt": False}
+    assert name == "gspo-n16" and overrides == {"lr": 2e-6, "packing": "prompt"}
     cfgs = stage_configs("demo", {"lr": 0.5})
     assert [c.stage for c in cfgs] == ["sft", "1", "2"] and all(c.lr == 0.5 for c in cfgs)
     assert cfgs[1].out_dir == os.path.join("runs/demo", "stage-1")

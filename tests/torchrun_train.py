@@ -73,11 +73,11 @@ def save_json(name: str, value) -> None:
 
 
 def fixed_group_gradients(processor, device, specs: str) -> None:
-    """The summed gradient of the same fixed groups, for each `budget:agg:prompt` spec."""
+    """The summed gradient of the same fixed groups, for each `budget:agg:packing` spec."""
     rank, world = dist.get_rank(), dist.get_world_size()
     for spec in specs.split(","):
-        budget, agg, shared = spec.split(":")
-        cfg = small(update_token_budget=int(budget), agg=agg, shared_prompt=shared == "shared")
+        budget, agg, packing = spec.split(":")
+        cfg = small(update_token_budget=int(budget), agg=agg, packing=packing)
         t = trainer_for(cfg, processor, device)
         groups = fixed_groups(processor)[rank::world]
         train.accumulate_gradients(t, groups)
@@ -90,6 +90,66 @@ def fixed_group_gradients(processor, device, specs: str) -> None:
             for lp, ref, kl_mask in zip(lps, group.ref_logps, group.kl_masks, strict=True):
                 k3 += kl_k3(lp, ref)[kl_mask > 0].tolist()
         save_json("kl_terms.json", {"n": len(k3), "below_clamp": sum(x < 10.0 for x in k3)})
+
+
+def packing_equivalence(processor, device) -> dict:
+    """Two Stage I then two Stage II updates of one Octopus group (splices that share o1 + SC
+    with their originals) from the same start, packed each way. The packings are exact, so
+    they end in the same weights up to float rounding, which AdamW magnifies on weights with a
+    near-zero gradient: the tree's distance to the prompt packing is set against the distance
+    between two other exact packings (prompt, sample) and against how far the weights moved."""
+    from data import synthetic_task
+    from octopus import SC
+    from packing import pack
+    from rollout import Rollout, render_prompt
+
+    def part(n, words):  # o1 / o2 long enough that a shared o1 + SC is worth a node of its own
+        think = " ".join(["I look at each dot in turn"] * words)
+        return f"<think>\n{think}: {n}.\n</think>\n\n\\boxed{{{n}}}"
+
+    texts = [part(2, 8) + SC + part(3, 6), part(3, 7) + SC + part(3, 9), part(4, 9) + SC + part(5, 5),
+             part(3, 6)]  # fmt: skip
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = [tok.encode(t, add_special_tokens=False) + [eos] for t in texts]
+    rollouts = [Rollout(r, [], t, "stop") for r, t in zip(ids, texts, strict=True)]
+    example = {**synthetic_task(1)[0], "answer": "3"}
+    prompt = render_prompt(processor, example["messages"])
+    scores = train.score_batch(texts, ["3"] * 4)
+    rows: list[int] = []
+
+    def counting(segments, rope_index, packing):  # train.pack, counting the packed tokens
+        packed = pack(segments, rope_index, packing)
+        rows.append(packed.inputs["input_ids"].shape[1])
+        return packed
+
+    weights, tokens = {}, {}
+    for packing in ("tree", "prompt", "sample"):
+        state, rows[:] = None, []
+        for name in ("demo-1", "demo-2"):  # Stage I (KL on o1), then Stage II
+            cfg = small(name, packing=packing, n_rollouts=4, n_train=8, max_response_len=400,
+                        lr=1e-4, warmup_steps=0)  # fmt: skip
+            t = trainer_for(cfg, processor, device, ref=cfg.uses_reference)
+            if state is not None:
+                t.model.load_state_dict(state)
+            for step in range(2):
+                group = train.make_group(t, example, prompt, rollouts, scores, random.Random(step))
+                if t.ref_model is not None:
+                    group.ref_logps = train.logprobs(t, [group], t.ref_model)[0]
+                train.pack = counting
+                train.update(t, [group], on_policy=True)
+                train.pack = pack
+            state = t.model.state_dict()
+        weights[packing] = {k: v.full_tensor() for k, v in state.items()}
+        tokens[packing] = sum(rows)
+    start = {k: v.full_tensor() for k, v in fsdp.load_model(tiny, device).state_dict().items()}
+
+    def distance(a, b):  # the L2 norm of the difference over all weights
+        return sum(((a[k] - b[k]).double() ** 2).sum().item() for k in a) ** 0.5
+
+    return {"tree_vs_prompt": distance(weights["tree"], weights["prompt"]),
+            "prompt_vs_sample": distance(weights["prompt"], weights["sample"]),
+            "moved": distance(weights["tree"], start), "tokens": tokens}  # fmt: skip
 
 
 def stage1_normalizers(processor, device) -> dict:
@@ -268,15 +328,12 @@ elif mode == "checks":
     rank, world, device = fsdp.setup_distributed()
     processor = AutoProcessor.from_pretrained(tiny)
     if world == 1:
-        fixed_group_gradients(
-            processor, device, "600:seq:shared,250:token:shared,400:seq:per_sample"
-        )
+        fixed_group_gradients(processor, device, "600:seq:tree,250:token:prompt,400:seq:sample")
         save_json("normalizers.json", stage1_normalizers(processor, device))
+        save_json("packing.json", packing_equivalence(processor, device))
         save_json("update.json", checkpointing(processor, device))
     else:
-        fixed_group_gradients(
-            processor, device, "1200:seq:shared,500:token:shared,300:seq:per_sample"
-        )
+        fixed_group_gradients(processor, device, "1200:seq:prompt,500:token:tree,300:seq:tree")
         with open(f"{out_dir}/load_rank{rank}.json", "w") as f:
             json.dump(rank0_loading(device), f)
         report = checkpoint_round_trip(processor, device)
