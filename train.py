@@ -8,8 +8,10 @@
     # one stage (arXiv 2602.08503's runs are presets; every Config field is a flag: --help)
     .venv/bin/torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage2 \\
         --model runs/octopus-8b/stage-1/export --out_dir runs/octopus-8b/stage-2
-    # 1 GPU: --nproc_per_node=1 and a smaller --prompts_per_step; several nodes:
-    .venv/bin/torchrun --nnodes=N --node_rank=i --master_addr=HOST --nproc_per_node=8 train.py ...
+    # 1 GPU: --nproc_per_node=1 and a smaller --prompts_per_step; several nodes (one agent per
+    # node, out_dir on a file system they share; README "On a cluster"):
+    .venv/bin/torchrun --nnodes=N --nproc_per_node=8 --rdzv_backend=c10d \\
+        --rdzv_endpoint=HOST:29500 --rdzv_id=RUN train.py ...
 
 Reading order: `rl_step` (one RL step, the whole method on one screen) -> `make_group`
 (Algorithm 1 and the Sec. 4.3 masks for one prompt) -> `update` and `accumulate_gradients`
@@ -781,7 +783,9 @@ def run_sequence(stages: list[Config]) -> VLLMEngine | None:
     if len(stages) > 1 and not stages[0].max_images:  # one engine for all: every stage's images
         limit = images_per_prompt(stages)
         stages = [c.replace(max_images=limit) for c in stages]
-    for cfg in stages:
+    for before, cfg in zip([None, *stages], stages, strict=False):
+        if model is None:  # the stage before finished with --export false
+            raise SystemExit(f"{before.out_dir} has no export for {cfg.out_dir} to start from")
         model, engine = run_stage(cfg.replace(model=model), engine)
     where = (
         stages[0].out_dir if len(stages) == 1 else f"{os.path.dirname(stages[-1].out_dir)}/stage-*"
