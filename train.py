@@ -621,18 +621,18 @@ class Stopped(Exception):
 
 def run_stage(cfg: Config, engine: VLLMEngine | None = None) -> tuple[str, VLLMEngine | None]:
     """Train one stage ("sft", "1" or "2") from `cfg.model`. Returns the exported checkpoint and
-    the engine, which a following stage reuses (a sync replaces its weights); None when the
-    stage had finished before (its `DONE.json`) and was skipped without building one.
+    the engine, which a following stage reuses (a sync replaces its weights); a stage that had
+    finished before (its `DONE.json`) is skipped and hands on the engine it was given.
 
     The end of a stage, in an order a crash at any point resumes from: checkpoint the last step,
     export, write `DONE.json`, remove the checkpoints (`keep_finished_checkpoints`). A SIGTERM
     or SIGUSR1 (`fsdp.catch_stop_signals`) stops every rank at the next step boundary with a
     checkpoint of the steps done: `Stopped`."""
-    done = read_done(cfg.out_dir) if cfg.resume else None
-    if done is not None:  # nothing is loaded or written: a finished sequence relaunches in seconds
-        log0(f"[{cfg.stage}] finished before ({done['steps']} steps, {cfg.out_dir}/{DONE}): "
+    finished = read_done(cfg.out_dir) if cfg.resume else None
+    if finished is not None:  # nothing loaded, nothing written: a finished launch ends in seconds
+        log0(f"[{cfg.stage}] finished before ({finished['steps']} steps, {cfg.out_dir}/{DONE}): "
              f"skipped; delete {DONE} to train it again")  # fmt: skip
-        return done["export"], engine
+        return finished["export"], engine
     trainer, start, total_steps = build_trainer(cfg, engine)
     rank, sft = dist.get_rank(), cfg.stage == "sft"
     wandb = None
@@ -786,6 +786,9 @@ def run_sequence(stages: list[Config]) -> VLLMEngine | None:
     for before, cfg in zip([None, *stages], stages, strict=False):
         if model is None:  # the stage before finished with --export false
             raise SystemExit(f"{before.out_dir} has no export for {cfg.out_dir} to start from")
+        if dist.is_initialized() and (sig := stop_requested()):  # signalled in a last step
+            raise Stopped(f"{signal.Signals(sig).name}: stopped before {cfg.out_dir}; relaunch "
+                          "the same command to continue")  # fmt: skip
         model, engine = run_stage(cfg.replace(model=model), engine)
     where = (
         stages[0].out_dir if len(stages) == 1 else f"{os.path.dirname(stages[-1].out_dir)}/stage-*"
