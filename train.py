@@ -806,7 +806,10 @@ def export_only(cfg: Config) -> None:
     optimizer, scheduler = make_optimizer(model, cfg, 1)
     ckpt = latest_checkpoint(cfg.out_dir)
     if ckpt is None:
-        raise SystemExit(f"no complete checkpoint under {cfg.out_dir}/checkpoints")
+        finished = read_done(cfg.out_dir) or {}
+        raise SystemExit(f"no complete checkpoint under {cfg.out_dir}/checkpoints" + (
+            f" (the stage finished and removed them: its export is {finished['export']})"
+            if finished.get("export") else ""))  # fmt: skip
     load_checkpoint(ckpt, model, optimizer, scheduler)
     export_hf(model, AutoProcessor.from_pretrained(cfg.model), os.path.join(cfg.out_dir, "export"))
 

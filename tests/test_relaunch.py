@@ -6,6 +6,7 @@ short of micro-batches pays a dummy pass, not a real one. 2 gloo ranks on the ti
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,6 +112,12 @@ def sequence(tiny_path, tmp_path_factory):
     before = snapshot(out)
     report["again"] = finish([single(out, tiny_path, *launch)])
     report["again_unchanged"] = snapshot(out) == before
+    # a crash after the cold start's last checkpoint, before its export and DONE.json
+    sft = out / "stage-sft"
+    report["sft_export"] = weights(sft)
+    shutil.rmtree(sft / "export")
+    os.remove(sft / "DONE.json")
+    report["crashed"] = finish([single(out, tiny_path, *launch)])
     return out, report
 
 
@@ -152,7 +159,12 @@ def test_a_relaunch_skips_finished_stages_and_a_finished_launch_changes_nothing(
     # the whole sequence finished: a relaunch loads nothing and writes nothing
     assert r["again"].count("finished before") == 2 and r["again_unchanged"]
     assert "resumed from" not in r["again"] and "examples" not in r["again"]
+    # the last step is checkpointed before the export: a crash after it redoes no step, the
+    # relaunch only exports (the same weights) and marks the stage done
+    assert "[sft] resumed from" in r["crashed"] and "(step 2)" in r["crashed"]
     assert [x["step"] for x in rows(out / "stage-sft" / "metrics.jsonl")] == [1, 2]
+    assert equal(weights(out / "stage-sft"), r["sft_export"])
+    assert (out / "stage-sft" / "DONE.json").exists() and "[1] finished before" in r["crashed"]
 
 
 @pytest.mark.slow
