@@ -185,7 +185,9 @@ class Config:
     # bookkeeping
     resume: bool = knob(True, "continue from the newest complete checkpoint in out_dir")
     save_every: int = knob(20, "steps between DCP checkpoints (0: none)")
-    keep_checkpoints: int = knob(2, "keep only this many newest checkpoints (0: all)")
+    keep_checkpoints: int = knob(
+        2, "keep only this many newest checkpoints while a stage runs (0: all)"
+    )
     keep_finished_checkpoints: bool = knob(
         False,
         "keep a stage's checkpoints once its export and DONE.json are written (false: they are "
