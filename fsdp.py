@@ -435,6 +435,8 @@ def _write_json(path: str, value: dict) -> None:
 
 # A scheduler asks a job to stop with SIGTERM (SLURM, then SIGKILL after KillWait, 30 s by
 # default: slurm.conf(5) KillWait) or ahead of time with the signal of `--signal` (sbatch(1)).
+# torchrun's agent forwards SIGTERM and SIGKILLs its workers 30 s later
+# (torch/distributed/elastic/multiprocessing/api.py, `_close`); SIGUSR1 it does not handle.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _caught = {"signal": 0}
 
