@@ -154,7 +154,11 @@ class Config:
 
     # engine
     tensor_parallel: int = knob(1, "vLLM tensor parallelism; only 1 is supported under torchrun")
-    gpu_memory_utilization: float = knob(0.5, "share of GPU memory vLLM may take while awake")
+    gpu_memory_utilization: float = knob(
+        0.7,
+        "share of GPU memory vLLM may take while awake (0.7: what bench/memory_plan.py leaves "
+        "Octopus-8B on 80 GB GPUs with 10%% of the card free)",
+    )
     kv_cache_gb: float = knob(1.0, "CPU only: vLLM's KV cache size in GiB")
     enforce_eager: bool = knob(
         False, "GPU: no CUDA graphs in vLLM (the CPU engine is always eager)"
@@ -181,7 +185,14 @@ class Config:
     # bookkeeping
     resume: bool = knob(True, "continue from the newest complete checkpoint in out_dir")
     save_every: int = knob(20, "steps between DCP checkpoints (0: none)")
-    keep_checkpoints: int = knob(2, "keep only this many newest checkpoints (0: all)")
+    keep_checkpoints: int = knob(
+        2, "keep only this many newest checkpoints while a stage runs (0: all)"
+    )
+    keep_finished_checkpoints: bool = knob(
+        False,
+        "keep a stage's checkpoints once its export and DONE.json are written (false: they are "
+        "removed then; one is ~105 GB at 8B, and the next stage starts from the export)",
+    )
     val_every: int = knob(10, "steps between validations (0: none)")
     dump_every: int = knob(
         10, "steps between writes of trained groups to out_dir/samples.jsonl (0: none)"

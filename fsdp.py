@@ -2,7 +2,8 @@
 
 The process group; Qwen3-VL loaded once and sharded with FSDP2; micro-batches that keep every
 rank in step; metrics summed over ranks; sharded DCP checkpoints (written atomically, pruned);
-the Hugging Face export; the full weights the colocated vLLM engine is synced with.
+a stage's completion mark; a scheduler's stop signal, agreed on by every rank; the Hugging Face
+export; the full weights the colocated vLLM engine is synced with.
 
 Everything here runs the same on CPU (gloo, float32) and on GPUs (NCCL, bf16 compute), so the
 tests exercise the code path an 8-GPU run takes.
@@ -19,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from collections import defaultdict
 
@@ -68,8 +70,9 @@ def setup_distributed(timeout_minutes: int = 60) -> tuple[int, int, torch.device
 
 
 def log0(*args) -> None:
-    """Print on rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """Print on rank 0 only (before the process group exists: torchrun's RANK)."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
         print(*args, flush=True)
 
 
@@ -253,14 +256,15 @@ def micro_batches(costs: list[int], budget: int) -> list[tuple[list[int], bool]]
 
     FSDP2 all-gathers parameters in each forward and reduce-scatters gradients in each
     backward, so a rank that stopped early would leave the others waiting forever; a rank with
-    fewer micro-batches instead repeats its first item with `real=False`: the pass runs, and
-    its loss must be multiplied by 0 (`train.backward`) so that nothing reaches the gradient.
+    fewer micro-batches instead gets `([], False)` for each one it lacks: the caller runs a
+    tiny dummy pass there (no item of its own, so it costs a few tokens, not a real segment),
+    and its loss must be multiplied by 0 (`train.backward`) so that nothing reaches the gradient.
     """
     if not costs:
         raise ValueError("micro_batches: this rank has no items (each rank needs at least one)")
     batches = first_fit(costs, budget)
     n = int(all_reduce([len(batches)], op=dist.ReduceOp.MAX)[0])
-    return [(b, True) for b in batches] + [(batches[0][:1], False)] * (n - len(batches))
+    return [(b, True) for b in batches] + [([], False)] * (n - len(batches))
 
 
 # =============================================================================================
@@ -318,18 +322,21 @@ def log_row(out_dir: str, row: dict) -> None:
 # =============================================================================================
 
 
-def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, keep: int = 0) -> str:
+def save_checkpoint(
+    out_dir: str, step: int, model, optimizer, scheduler, keep: int = 0, final: bool = False
+) -> str:
     """Model, optimizer, scheduler and RNG states at `step`; only complete checkpoints are ever
     seen by a resume. With `keep` > 0, older checkpoints beyond the newest `keep` are deleted
-    (one is ~105 GB for the 8B model with its optimizer)."""
+    (one is ~105 GB for the 8B model with its optimizer). `final`: the stage ends at this step
+    (`checkpoint_info`), so a resume from it only exports."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    final = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
-    tmp = final + ".tmp"
+    path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
+    tmp = path + ".tmp"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -343,17 +350,15 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, scheduler, keep: 
     torch.save(rng, os.path.join(tmp, f"rng_rank{dist.get_rank()}.pt"))
     dist.barrier()
     if dist.get_rank() == 0:
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(
-                {"step": step, "scheduler": scheduler.state_dict(), "world": dist.get_world_size()},
-                f,
-            )
-        os.rename(tmp, final)  # complete: only now can a resume see it
+        meta = {"step": step, "scheduler": scheduler.state_dict(), "world": dist.get_world_size()}
+        _write_json(os.path.join(tmp, "trainer.json"), {**meta, "final": final})
+        shutil.rmtree(path, ignore_errors=True)  # a run with --resume false redid this step
+        os.rename(tmp, path)  # complete: only now can a resume see it
         if keep > 0:
             for old in complete_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    return final
+    return path
 
 
 def complete_checkpoints(out_dir: str) -> list[str]:
@@ -370,6 +375,89 @@ def latest_checkpoint(out_dir: str) -> str | None:
     """The newest complete checkpoint, or None."""
     done = complete_checkpoints(out_dir)
     return done[-1] if done else None
+
+
+def checkpoint_info(path: str) -> dict:
+    """What `save_checkpoint` wrote beside the shards: step, scheduler, world, final."""
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
+
+
+def mark_final(path: str) -> None:
+    """Mark a complete checkpoint as its stage's last (rank 0; atomic)."""
+    if dist.get_rank() == 0:
+        _write_json(os.path.join(path, "trainer.json"), {**checkpoint_info(path), "final": True})
+    dist.barrier()
+
+
+def remove_checkpoints(out_dir: str) -> int:
+    """Delete every checkpoint of `out_dir` (rank 0); returns the bytes freed."""
+    root = os.path.join(out_dir, "checkpoints")
+    freed = 0
+    if dist.get_rank() == 0 and os.path.isdir(root):
+        for folder, _, files in os.walk(root):
+            freed += sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+        shutil.rmtree(root)
+    dist.barrier()
+    return freed
+
+
+# =============================================================================================
+# A finished stage's mark, and a scheduler's stop signal
+# =============================================================================================
+
+DONE = "DONE.json"
+
+
+def mark_done(out_dir: str, record: dict) -> None:
+    """Write `out_dir/DONE.json` (rank 0, atomically): the stage is finished and a relaunch
+    skips it. Written after the export, so a crash before it only costs the export again."""
+    if dist.get_rank() == 0:
+        _write_json(os.path.join(out_dir, DONE), record)
+    dist.barrier()
+
+
+def read_done(out_dir: str) -> dict | None:
+    """The completion mark of `out_dir`, or None while the stage is not finished."""
+    path = os.path.join(out_dir, DONE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+
+
+# A scheduler asks a job to stop with SIGTERM (SLURM, then SIGKILL after KillWait, 30 s by
+# default: slurm.conf(5) KillWait) or ahead of time with the signal of `--signal` (sbatch(1)).
+# torchrun's agent forwards SIGTERM and SIGKILLs its workers 30 s later
+# (torch/distributed/elastic/multiprocessing/api.py, `_close`); SIGUSR1 it does not handle.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_caught = {"signal": 0}
+
+
+def catch_stop_signals(signals: tuple = STOP_SIGNALS) -> None:
+    """Turn `signals` into a request to stop at the next step boundary (`stop_requested`)
+    instead of death mid-step. The handler only records the signal: it runs between two Python
+    bytecodes, possibly inside a collective's caller, where nothing else is safe to do."""
+
+    def note(signum, frame):
+        _caught["signal"] = signum
+
+    for s in signals:
+        signal.signal(s, note)
+
+
+def stop_requested() -> int:
+    """The stop signal any rank caught (0: none), the same on every rank: a collective, so
+    every rank calls it at the same step boundary. A signal that reached one rank only (one
+    node, one process) stops them all at the same step."""
+    return int(all_reduce([float(_caught["signal"])], op=dist.ReduceOp.MAX)[0])
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> int:

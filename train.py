@@ -8,8 +8,10 @@
     # one stage (arXiv 2602.08503's runs are presets; every Config field is a flag: --help)
     .venv/bin/torchrun --nproc_per_node=8 train.py --preset octopus-8b-stage2 \\
         --model runs/octopus-8b/stage-1/export --out_dir runs/octopus-8b/stage-2
-    # 1 GPU: --nproc_per_node=1 and a smaller --prompts_per_step; several nodes:
-    .venv/bin/torchrun --nnodes=N --node_rank=i --master_addr=HOST --nproc_per_node=8 train.py ...
+    # 1 GPU: --nproc_per_node=1 and a smaller --prompts_per_step; several nodes (one agent per
+    # node, out_dir on a file system they share; README "On a cluster"):
+    .venv/bin/torchrun --nnodes=N --nproc_per_node=8 --rdzv_backend=c10d \\
+        --rdzv_endpoint=HOST:29500 --rdzv_id=RUN train.py ...
 
 Reading order: `rl_step` (one RL step, the whole method on one screen) -> `make_group`
 (Algorithm 1 and the Sec. 4.3 masks for one prompt) -> `update` and `accumulate_gradients`
@@ -35,6 +37,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 
 import torch
@@ -63,9 +66,12 @@ from data import (
     report_bad,
 )
 from fsdp import (
+    DONE,
     Clock,
     Metrics,
     all_reduce,
+    catch_stop_signals,
+    checkpoint_info,
     export_hf,
     free_cache,
     full_weights,
@@ -74,9 +80,14 @@ from fsdp import (
     load_model,
     log0,
     log_row,
+    mark_done,
+    mark_final,
     micro_batches,
+    read_done,
+    remove_checkpoints,
     save_checkpoint,
     setup_distributed,
+    stop_requested,
 )
 from loss import count_for, group_advantages, policy_loss, policy_loss_with_kl, sft_loss
 from octopus import SC, split_response
@@ -331,6 +342,9 @@ def accumulate_gradients(trainer: Trainer, groups: list[Group], *, on_policy: bo
     sequences = [(g.prompt, [s.ids for s in g.samples]) for g in groups]
     budget = cfg.update_token_budget
     for segments, logps, real in forward_micro_batches(trainer, trainer.model, sequences, budget):
+        if not real:  # a dummy pass: its collectives, none of its loss (its logps are no sample's)
+            backward(sum(lp.sum() for lp in logps), real)
+            continue
         batch = [(groups[g], k) for g, ks in segments for k in ks]
         if on_policy and real:
             for (g, k), lp in zip(batch, logps, strict=True):
@@ -391,9 +405,20 @@ def forward_micro_batches(
     for indices, real in micro_batches(costs, budget):
         segments = [cut[i] for i in indices]
         rows = [(sequences[g][0], [responses[g][k] for k in ks]) for g, ks in segments]
+        rows = rows if real else [dummy_segment(sequences)]
         packed = pack(rows, rope_index, packing)  # the micro-batch in one row (packing.py)
         temperature = trainer.cfg.temperature
         yield segments, response_logprobs(model, packed, trainer.device, temperature), real
+
+
+def dummy_segment(sequences: list[tuple[dict, list[list[int]]]]) -> tuple[dict, list[list[int]]]:
+    """The smallest segment there is, for a pass that only keeps a rank in step with the others
+    (fsdp.micro_batches): the first token of this rank's first prompt, one response token, no
+    image (the vision tower still runs: fsdp's dummy image). Two tokens, where repeating a real
+    segment would cost up to a whole micro-batch's budget forward and backward."""
+    prompt, responses = sequences[0]
+    text = {k: prompt[k][:, :1] for k in ("input_ids", "mm_token_type_ids")}  # <|im_start|>
+    return text, [responses[0][:1]]
 
 
 @torch.no_grad()
@@ -606,14 +631,29 @@ def sft_step(trainer: Trainer, step: int) -> dict:
 # =============================================================================================
 
 
+class Stopped(Exception):
+    """Every rank stopped at a step boundary on a scheduler's signal, its checkpoint saved."""
+
+
 def run_stage(
     cfg: Config, engine: VLLMEngine | None = None, engine_pixels: tuple[int, int] | None = None
-) -> tuple[str, VLLMEngine]:
+) -> tuple[str, VLLMEngine | None]:
     """Train one stage ("sft", "1" or "2") from `cfg.model`. Returns the exported checkpoint and
     the engine, which a following stage reuses (a sync replaces its weights); `engine_pixels`:
-    the image range a new engine is sized for (all stages of a sequence)."""
+    the image range a new engine is sized for (all stages of a sequence). A stage that had
+    finished before (its `DONE.json`) is skipped and hands on the engine it was given.
+
+    The end of a stage, in an order a crash at any point resumes from: checkpoint the last step,
+    export, write `DONE.json`, remove the checkpoints (`keep_finished_checkpoints`). A SIGTERM
+    or SIGUSR1 (`fsdp.catch_stop_signals`) stops every rank at the next step boundary with a
+    checkpoint of the steps done: `Stopped`."""
     from transformers import AutoProcessor
 
+    finished = read_done(cfg.out_dir) if cfg.resume else None
+    if finished is not None:  # nothing loaded, nothing written: a finished launch ends in seconds
+        log0(f"[{cfg.stage}] finished before ({finished['steps']} steps, {cfg.out_dir}/{DONE}): "
+             f"skipped; delete {DONE} to train it again")  # fmt: skip
+        return finished["export"], engine
     trainer, start, total_steps = build_trainer(cfg, engine, engine_pixels)
     rank, sft = dist.get_rank(), cfg.stage == "sft"
     wandb = None
@@ -622,9 +662,21 @@ def run_stage(
 
         name = os.path.basename(cfg.out_dir)
         wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), name=name)
+
+    def save(step: int, final: bool = False) -> str:
+        return save_checkpoint(cfg.out_dir, step, trainer.model, trainer.optimizer,
+                               trainer.scheduler, keep=cfg.keep_checkpoints, final=final)  # fmt: skip
+
+    saved = done = start  # the newest checkpoint's step; the steps done
+    stopped_early = False
     steps = range(start, total_steps)
     bar = tqdm(steps, desc=f"stage {cfg.stage}", initial=start, total=total_steps, disable=rank > 0)
     for step in bar:
+        if sig := stop_requested():  # every rank agrees at the boundary, then all stop here
+            path = save(done) if saved != done else latest_checkpoint(cfg.out_dir)
+            raise Stopped(f"[{cfg.stage}] {signal.Signals(sig).name}: every rank stopped after "
+                          f"step {done} (checkpoint {path}); relaunch the same command to "
+                          "continue")  # fmt: skip
         row = sft_step(trainer, step) if sft else rl_step(trainer, step)
         if cfg.val_every and trainer.val and (step + 1) % cfg.val_every == 0:
             if sft:  # RL steps end with a sync; SFT wakes the engine only to validate
@@ -632,33 +684,40 @@ def run_stage(
             row.update(validate(trainer, step))
             if sft:
                 trainer.engine.sleep()
-        row = {"stage": cfg.stage, "step": step + 1, **row}
+        done = step + 1
+        row = {"stage": cfg.stage, "step": done, **row}
         log_row(cfg.out_dir, row)
         if wandb:
-            wandb.log(row, step=step + 1)
+            wandb.log(row, step=done)
         shown = ("reward", "acc_final", "format", "sft_loss", "val_acc_final")
         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in shown})
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            keep = cfg.keep_checkpoints
-            save_checkpoint(
-                cfg.out_dir,
-                step + 1,
-                trainer.model,
-                trainer.optimizer,
-                trainer.scheduler,
-                keep=keep,
-            )
+        if cfg.save_every and done % cfg.save_every == 0:
+            saved = done
+            save(saved)
         if sft and (cfg.sft_stop_acc or cfg.sft_stop_format) and "val_acc_final" in row:
             acc, fmt = row["val_acc_final"], row["val_sc_format"]
             if acc >= cfg.sft_stop_acc and fmt >= cfg.sft_stop_format:
                 log0(f"[sft] sampled accuracy {acc:.2f}, well-formed {fmt:.2f}: cold start done")
+                stopped_early = True
                 break
+    # the last step is checkpointed before the export: a crash from here on redoes no step
+    if saved != done:
+        path = save(done, final=True)
+    elif (path := latest_checkpoint(cfg.out_dir)) is not None and stopped_early:
+        mark_final(path)  # the stop rule ended the stage here: a resume only exports
     export = os.path.join(cfg.out_dir, "export")
     if cfg.export:
         # the base model's processor settings, not this stage's image range: a later stage or
         # an evaluation sets its own
         export_hf(trainer.model, AutoProcessor.from_pretrained(cfg.model), export)
         log0(f"[{cfg.stage}] exported {export}")
+    keep = cfg.keep_finished_checkpoints or not cfg.export  # without an export they are the result
+    mark_done(cfg.out_dir, {"stage": cfg.stage, "steps": done,
+                            "export": export if cfg.export else None,
+                            "checkpoint": path if keep else None})  # fmt: skip
+    if not keep:
+        freed = remove_checkpoints(cfg.out_dir)
+        log0(f"[{cfg.stage}] removed its checkpoints ({freed / 1e9:.2f} GB), kept the export")
     return export, trainer.engine
 
 
@@ -693,6 +752,9 @@ def build_trainer(
     if ckpt:
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
         log0(f"[{cfg.stage}] resumed from {ckpt} (step {start})")
+        if checkpoint_info(ckpt).get("final"):  # the stage ended there: only the export is left
+            total_steps = start
+    free_cache()  # vLLM's start-up check counts memory PyTorch's cache holds as taken
     max_images = cfg.max_images or max_images_of(train + val)
     engine = engine or engine_for(cfg, max_images, rank, engine_pixels)
     # this stage's image range: the trainer's processor and every request to the engine (which
@@ -732,16 +794,19 @@ def make_optimizer(model, cfg: Config, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def run_sequence(stages: list[Config]) -> VLLMEngine:
+def run_sequence(stages: list[Config]) -> VLLMEngine | None:
     """Run stages one after the other in one launch, each from the previous stage's export;
-    `model="tiny"` builds the tiny Qwen3-VL first. Returns the engine (close it last)."""
+    `model="tiny"` builds the tiny Qwen3-VL first. A stage finished before (its `DONE.json`) is
+    skipped, so a relaunch continues where the last launch stopped. Returns the engine (close
+    it last), None when every stage had finished before."""
     from tiny import build_tiny
 
+    catch_stop_signals()  # SIGTERM / SIGUSR1 stop at a step boundary with a checkpoint
     model, engine = stages[0].model, None
     if model == "tiny":
         model = os.path.join(os.path.dirname(stages[0].out_dir), "tiny-init")
         if int(os.environ.get("RANK", "0")) == 0:
-            build_tiny(model)
+            build_tiny(model)  # returns at once when built before
         setup_distributed()
         dist.barrier()
     if len(stages) > 1 and not stages[0].max_images:  # one engine for all: every stage's images
@@ -749,10 +814,17 @@ def run_sequence(stages: list[Config]) -> VLLMEngine:
         stages = [c.replace(max_images=limit) for c in stages]
     # ... and every stage's image range (each request then names its stage's own)
     pixels = min(c.min_pixels for c in stages), max(c.max_pixels for c in stages)
-    for cfg in stages:
+    for before, cfg in zip([None, *stages], stages, strict=False):
+        if model is None:  # the stage before finished with --export false
+            raise SystemExit(f"{before.out_dir} has no export for {cfg.out_dir} to start from")
+        if dist.is_initialized() and (sig := stop_requested()):  # signalled in a last step
+            raise Stopped(f"{signal.Signals(sig).name}: stopped before {cfg.out_dir}; relaunch "
+                          "the same command to continue")  # fmt: skip
         model, engine = run_stage(cfg.replace(model=model), engine, pixels)
-    root = os.path.dirname(stages[-1].out_dir)
-    log0(f"[done] metrics in {root}/stage-*/metrics.jsonl, final model in {model}")
+    where = (
+        stages[0].out_dir if len(stages) == 1 else f"{os.path.dirname(stages[-1].out_dir)}/stage-*"
+    )
+    log0(f"[done] metrics in {where}/metrics.jsonl, final model in {model}")
     return engine
 
 
@@ -765,7 +837,10 @@ def export_only(cfg: Config) -> None:
     optimizer, scheduler = make_optimizer(model, cfg, 1)
     ckpt = latest_checkpoint(cfg.out_dir)
     if ckpt is None:
-        raise SystemExit(f"no complete checkpoint under {cfg.out_dir}/checkpoints")
+        finished = read_done(cfg.out_dir) or {}
+        raise SystemExit(f"no complete checkpoint under {cfg.out_dir}/checkpoints" + (
+            f" (the stage finished and removed them: its export is {finished['export']})"
+            if finished.get("export") else ""))  # fmt: skip
     load_checkpoint(ckpt, model, optimizer, scheduler)
     export_hf(model, AutoProcessor.from_pretrained(cfg.model), os.path.join(cfg.out_dir, "export"))
 
@@ -802,8 +877,18 @@ def main(argv: list[str] | None = None) -> None:
     stages, export = launch
     if export:
         export_only(stages[-1])
-    else:  # the engine closes last: under torchrun its teardown takes the process group along
-        run_sequence(stages).close()
+    else:
+        try:
+            engine = run_sequence(stages)
+        except Stopped as stop:
+            log0(stop)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # the checkpoint is complete; a scheduler's grace period is short (SLURM: 30 s), and
+            # the engine's and the process group's teardown are not needed to resume
+            os._exit(0)
+        if engine is not None:  # last: under torchrun its teardown takes the process group along
+            engine.close()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -4,7 +4,7 @@ runs it: generate, log-prob passes, update, weight sync), computed from the mode
 
     .venv/bin/python bench/memory_plan.py                        # Octopus-8B, 8 x H100-80GB
     .venv/bin/python bench/memory_plan.py --gpu_gb 40 --update_token_budget 4096 \\
-        --logprob_token_budget 8192 --gpu_memory_utilization 0.5 --enforce_eager true  # A100-40GB
+        --logprob_token_budget 8192 --gpu_memory_utilization 0.45 --enforce_eager true  # A100-40GB
     OMP_NUM_THREADS=2 .venv/bin/python bench/memory_plan.py --check  # 7 CPU-min, 13 GB RAM
 
 What train.py holds, and so what the plan counts (bytes per GPU):
@@ -22,10 +22,11 @@ What train.py holds, and so what the plan counts (bytes per GPU):
   kept, one layer at a time is recomputed in the backward. The log-prob passes run no_grad.
 - vLLM 0.32 colocated: awake it takes `gpu_memory_utilization` x the card (weights, CUDA
   graphs, activations, KV cache: vllm/v1/worker/gpu_worker.py, `determine_available_memory`);
-  asleep (level 1) its weights sit in CPU memory and the KV cache is gone, CUDA graphs and
-  buffers stay. The sync gathers one float32 full tensor at a time; vLLM's layerwise reload
-  (vllm/model_executor/model_loader/reload/layerwise.py) buffers it and builds a bf16 copy of
-  the layer before copying in. vLLM's wake-up empties PyTorch's cache first
+  asleep (level 2, rollout.SLEEP_LEVEL) its weights and KV cache are discarded (the next sync
+  rewrites every weight; level 1 would keep a host copy), CUDA graphs and buffers stay. The
+  sync gathers one full tensor at a time in the engine's dtype, bf16 (train.sync_engine);
+  vLLM's layerwise reload (vllm/model_executor/model_loader/reload/layerwise.py) buffers it
+  and builds a bf16 copy of the layer before copying in. vLLM's wake-up empties PyTorch's cache first
   (vllm/device_allocator/cumem.py, `wake_up`), so the sync's freed blocks do not stay reserved.
 
 Every term is linear in the micro-batch's tokens (the attention kernels never build an L x L
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +74,11 @@ CUDA_OVERHEAD_GIB = 1.5  # CUDA context, NCCL communicator buffers, cuBLAS works
 ENGINE_GRAPHS_GIB = 1.0  # vLLM's CUDA graph pool: stays while asleep (none with enforce_eager)
 ENGINE_BUFFERS_GIB = 0.5  # vLLM's persistent runner buffers, which stay while asleep
 ENGINE_ACTIVATIONS_GIB = 2.0  # (inside the awake budget) vLLM's profiled activation peak
+SLEEP_LEVEL = 2  # rollout.SLEEP_LEVEL: the weights are discarded, not kept on the host
+SYNC_BYTES = 2  # train.sync_engine gathers each full tensor in the engine's dtype, bf16
+# What the utilization default leaves free while the engine is awake: the caching allocator's
+# fragmentation and the estimates above (Config.gpu_memory_utilization is `max_utilization`)
+HEADROOM = 0.10
 # What CUDA reports for a card sold as N GB (out-of-memory messages: "39.39 GiB total capacity"
 # on an A100-40GB, 79.1 GiB on an H100-80GB); other sizes: 0.985 x N.
 CARD_GIB = {40: 39.39, 80: 79.1}
@@ -397,7 +404,7 @@ def plan(cfg: Config, inputs: PlanInputs, config: dict = QWEN3_VL_8B) -> tuple[l
     phases.append(phase("update, optimizer step", [], (grads, sqrt_v)))
     largest = s.vocab * s.hidden  # embeddings (= LM head): the largest tensor
     sync = [("vLLM weights bf16", 2 * P * g)]
-    sync.append(("largest full tensor fp32 + vLLM's bf16 copy", 6 * largest * g))
+    sync.append(("largest full tensor bf16 + vLLM's bf16 copy", 2 * SYNC_BYTES * largest * g))
     phases.append(phase("weight sync (engine weights awake)", sync))
 
     kv = engine - 2 * P * g - graphs - ENGINE_ACTIVATIONS_GIB
@@ -406,6 +413,18 @@ def plan(cfg: Config, inputs: PlanInputs, config: dict = QWEN3_VL_8B) -> tuple[l
     notes = dict(params=p, logprob_mb=lp_mb, update_mb=up_mb, capacity=cap, kv_gib=kv)
     notes.update(kv_tokens=kv_tokens, kv_per_token=kv_per_token, graphs=graphs, reference=kl)
     return phases, notes
+
+
+def max_utilization(
+    cfg: Config, inputs: PlanInputs, config: dict = QWEN3_VL_8B, headroom: float = HEADROOM
+) -> float:
+    """The largest `gpu_memory_utilization`, in steps of 0.05, that leaves `headroom` x the card
+    free while the engine is awake (generation). The engine sleeps through every other phase,
+    so only generation moves with it; at 0 that phase holds the trainer's share alone."""
+    phases, notes = plan(cfg.replace(gpu_memory_utilization=0.0), inputs, config)
+    trainer = next(p.total for p in phases if p.name.startswith("generate"))
+    cap = notes["capacity"]
+    return math.floor(round(((1 - headroom) * cap - trainer) / cap * 20, 6)) / 20
 
 
 def print_plan(cfg: Config, name: str, inputs: PlanInputs) -> list[Phase]:
@@ -423,6 +442,11 @@ def print_plan(cfg: Config, name: str, inputs: PlanInputs) -> list[Phase]:
     print(
         f"\npeak: {worst.name}, {worst.total:.1f} of {cap:.1f} GiB "
         f"(headroom {cap - worst.total:.1f} GiB)"
+    )
+    best = max_utilization(cfg, inputs)
+    print(
+        f"largest --gpu_memory_utilization leaving {HEADROOM:.0%} of the card free: {best:.2f} "
+        f"(Config's default: {Config().gpu_memory_utilization:g})"
     )
     seq = cfg.max_prompt_len + cfg.max_response_len
     print("\nAssumptions:")
@@ -448,7 +472,7 @@ def print_plan(cfg: Config, name: str, inputs: PlanInputs) -> list[Phase]:
         f"~{notes['kv_gib']:.1f} GiB (~{notes['kv_tokens']:,} tokens at "
         f"{notes['kv_per_token'] // 1024} KiB; a full {seq}-token sequence takes "
         f"{notes['kv_per_token'] * seq / GIB:.2f} GiB)",
-        f"vLLM asleep (level 1): CUDA graphs (~{ENGINE_GRAPHS_GIB:g} GiB, none with "
+        f"vLLM asleep (level {SLEEP_LEVEL}: weights and KV cache discarded): CUDA graphs (~{ENGINE_GRAPHS_GIB:g} GiB, none with "
         f"--enforce_eager true) and runner buffers (~{ENGINE_BUFFERS_GIB:g} GiB) stay (estimates); "
         f"CUDA context + NCCL + cuBLAS ~{CUDA_OVERHEAD_GIB:g} GiB (estimate)",
         "not counted: the caching allocator's fragmentation (PYTORCH_CUDA_ALLOC_CONF="

@@ -136,7 +136,7 @@ def test_flags_move_the_plan():
     half, _ = mp.plan(cfg.replace(update_token_budget=8192), inputs)
     assert _total(half, "update, micro") < _total(base, "update, micro")
     assert _total(half, "generate") == _total(base, "generate")
-    more, _ = mp.plan(cfg.replace(gpu_memory_utilization=0.6), inputs)
+    more, _ = mp.plan(cfg.replace(gpu_memory_utilization=cfg.gpu_memory_utilization + 0.1), inputs)
     assert _total(more, "generate") == pytest.approx(_total(base, "generate") + 0.1 * 79.1)
     no_ref, no_ref_notes = mp.plan(cfg.replace(kl_coef=0.0), inputs)
     assert notes["reference"] and not no_ref_notes["reference"]
@@ -154,3 +154,32 @@ def test_command_line(capsys):
     assert "| update, micro-batch fwd+bwd |" in out and "Assumptions:" in out
     help_run = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
     assert help_run.returncode == 0 and "--check" in help_run.stdout
+
+
+def test_the_plan_is_the_codes_engine():
+    """Sleep level, sync dtype and the utilization default the plan assumes are the code's."""
+    import types
+
+    import rollout
+    import train
+    from config import Config
+
+    assert mp.SLEEP_LEVEL == rollout.SLEEP_LEVEL == 2
+    # train.sync_engine sends each tensor in the engine's dtype (bf16 on GPUs), not float32
+    sent = []
+    engine = types.SimpleNamespace(dtype=torch.bfloat16, wake=lambda tags=None: None,
+                                   sync_weights=lambda named: sent.extend(v.dtype for _, v in named))  # fmt: skip
+    train.sync_engine(types.SimpleNamespace(model=torch.nn.Linear(3, 2), engine=engine))
+    assert sent == [torch.bfloat16] * 2 and mp.SYNC_BYTES == torch.bfloat16.itemsize
+    inputs = mp.PlanInputs(prompt_len=2048, image_tokens=1280, gpus=8, gpu_gb=80)
+    phases, _ = mp.plan(preset("octopus-8b-stage1"), inputs)
+    sync = dict(next(p for p in phases if p.name.startswith("weight sync")).parts)
+    vocab = 151936 * 4096  # the embeddings, the largest tensor: sent in bf16, copied in bf16
+    assert sync["largest full tensor bf16 + vLLM's bf16 copy"] == pytest.approx(4 * vocab / mp.GIB)
+    # the default is the plan's: the largest share leaving 10% of an 80 GB card free, Stage I
+    default = Config().gpu_memory_utilization
+    assert mp.max_utilization(preset("octopus-8b-stage1"), inputs) == default == 0.7
+    best = mp.max_utilization(preset("octopus-8b-stage1", gpu_memory_utilization=default), inputs)
+    planned, _ = mp.plan(preset("octopus-8b-stage1", gpu_memory_utilization=best + 0.05), inputs)
+    assert _total(planned, "generate") > 0.9 * 79.1 >= _total(phases, "generate")
+    assert mp.max_utilization(preset("octopus-8b-stage2"), inputs) >= default  # no reference

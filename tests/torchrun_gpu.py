@@ -87,7 +87,8 @@ report["sleep_freed_gib"] = freed
 # -- save, stop, resume ------------------------------------------------------------------------
 run = f"{out_dir}/resume"
 cfg = preset("demo-2", **SMALL, out_dir=run, lr=1e-4)
-train.run_stage(cfg.replace(max_steps=2, save_every=2), engine)
+train.run_stage(cfg.replace(max_steps=2, save_every=2, keep_finished_checkpoints=True), engine)
+os.remove(f"{run}/DONE.json")  # as if stopped after step 2: a finished stage is not resumed
 train.run_stage(cfg.replace(max_steps=3), engine)
 report["resumed_steps"] = [r["step"] for r in rows(f"{run}/metrics.jsonl")]
 

@@ -301,7 +301,8 @@ if mode == "stages":  # every stage runs a few steps, Stage II on a file with ba
     stages = [
         # the engine is built here and reused by the later stages: run_sequence sizes it for
         # Stage II's two-image rows (a cold start's one-image limit would refuse them)
-        small("demo-sft", max_steps=3, save_every=1, keep_checkpoints=2),
+        small("demo-sft", max_steps=3, save_every=1, keep_checkpoints=2,
+              keep_finished_checkpoints=True),
         # Stage I on 8 one-image rows, one truncated after its header: the rank that draws it
         # trains 3 groups (mini-batches of 1 and 2), the other 4 (2 and 2), in step
         small("demo-1", max_steps=2, train_data=sys.argv[5], prompts_per_step=8,
@@ -342,7 +343,14 @@ elif mode == "checks":
     dist.barrier()  # every rank's files are written before any rank tears down
     if world > 1:  # the run the resume tests cut (a launch of its own would cost a start-up)
         train.score_batch = varying_reward(train.score_batch)
-        cfg = small("demo-2", max_steps=3, save_every=1, out_dir=f"{out_dir}/full", **SCHEDULE)
+        cfg = small(
+            "demo-2",
+            max_steps=3,
+            save_every=1,
+            out_dir=f"{out_dir}/full",
+            keep_finished_checkpoints=True,
+            **SCHEDULE,
+        )
         _, engine = train.run_stage(cfg)
         engine.close()  # takes the default process group along
     if dist.is_initialized():
