@@ -762,6 +762,14 @@ TEST_SEED = 1_000_037  # the fixed test set: the same for every seed and arm
 # The regime of issue 21, point 1: measured at temperature 1.0 on the dev set.
 REGIME = dict(base_acc_t1=(0.35, 0.6), base_format_t1=0.95, cold_format_t1=0.9,
               cold_wc_generated=0.02, sft_only_minus_base=0.02)  # fmt: skip
+# One learning rate for every arm that starts from the cold start (issue 36), fixed at 17:20 UTC
+# on 2026-12-05 before any run at it: the grid chose on seed 0, where no arm takes off, so its
+# choices there are noise (no-augment won at 3e-5 by 0.0065 of dev accuracy) and no-augment ran
+# at 3e-5 while random, selection, released, no-stage1 and no-splice ran at 1e-4; a claim between
+# two of them then compared learning rates too. 1e-4 is the value the grid gave every other
+# cold-start arm, so only no-augment reruns. Arms from other starts (GSPO from the base policy,
+# the exposure control) keep the grid's choice: their starting checkpoint differs anyway.
+COLD_START_RL_LR = 1e-4
 RARE_SCALES = {
     # the experiment: >= 150 RL steps per arm, dev curves on 256 prompts every 10 steps, the
     # test set of 1024 images x 4 samples at T 0.6 at each start and at the end of each run
@@ -773,7 +781,7 @@ RARE_SCALES = {
                  cold_stop=1.1, cold_schedule="cosine", base_settle_steps=400,
                  format_rows=8192, format_max_steps=400,
                  base_labels="systematic", lr_grid=RARE_LR_GRID,
-                 enforce=True),
+                 cold_start_rl_lr=COLD_START_RL_LR, enforce=True),
     # one seed, a few arms, 30 steps, smaller dev and test sets, no learning-rate grid
     "quick": dict(steps=30, val_every=10, dev=256, dev_curve=128, test=256, test_n=1,
                   calib_n=4, base_rows=8192, base_max_steps=1000, base_val_every=20,
@@ -1506,11 +1514,14 @@ def choose_lr(scores: dict[float, float]) -> float:
 
 
 def lr_for(arm: str, jobs: dict, scale: dict, lr: float = 0.0, lr_from: str = "") -> float | None:
-    """The learning rate an arm runs its seeds at: `lr` if given; else the one the grid in
+    """The learning rate an arm runs its seeds at: `lr` if given; else, for an arm that starts
+    from the cold start, the scale's `cold_start_rl_lr` where it has one; else the one the grid in
     `jobs` chose; else the one chosen in `lr_from` (the committed lr_grid.json); else None
     while the grid still has to run (1e-4 at a scale without a grid)."""
     if lr:
         return lr
+    if scale.get("cold_start_rl_lr") and ARMS[arm][0] == "cold":
+        return scale["cold_start_rl_lr"]
     arm = DIAGNOSTIC_ARMS.get(arm, arm)
     chosen = lr_grid(jobs, [arm], tuple(scale["lr_grid"])).get(arm, {}).get("chosen")
     if chosen is not None:

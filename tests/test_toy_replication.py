@@ -348,6 +348,7 @@ def test_lr_rule_is_the_same_for_every_arm():
 
 def test_the_aggregation_diagnostic_is_octopus_with_a_token_mean_in_stage_2_at_its_lr():
     scale = dict(toy.RARE_SCALES["full"])
+    del scale["cold_start_rl_lr"]  # the grid's path: the diagnostic waits for Octopus's grid
     token = toy.rare_arm_configs("octopus-agg-token", 3, scale, "/w", 1e-4)
     octopus = toy.rare_arm_configs("octopus", 3, scale, "/w", 1e-4)
     assert [_diff(c, o) for c, o in zip(token, octopus, strict=True)] == [set(), {"agg"}]
@@ -593,6 +594,25 @@ def test_cpu_kernels_names_the_widest_isa(tmp_path, flags, isa):
                     "processor\t: 1\nflags\t\t: nothing\n")  # fmt: skip
     assert toy.cpu_kernels(str(info)) == f"Some Xeon, {isa}, {os.cpu_count()} cores"
     assert toy.cpu_kernels(str(tmp_path / "absent")).startswith("unknown CPU, other, ")
+
+
+def test_every_cold_start_arm_runs_at_the_one_shared_lr_and_no_grid_is_planned_for_them():
+    scale = dict(toy.RARE_SCALES["full"])
+    assert scale["cold_start_rl_lr"] == 1e-4
+    jobs = {toy.job_name("arm", 0, "no-augment", lr): {"curve": [{"val_acc_final": v}]}
+            for lr, v in ((3e-5, 0.9), (1e-4, 0.1), (3e-4, 0.1))}  # fmt: skip
+    cold = [a for a in toy.ARMS if toy.ARMS[a][0] == "cold" and toy.ARMS[a][1]]
+    assert {a: toy.lr_for(a, jobs, scale) for a in cold} == dict.fromkeys(cold, 1e-4)
+    assert toy.lr_for("no-augment", jobs, scale, lr=3e-4) == 3e-4  # --lr still wins
+    # the grid still chooses for the arms that start elsewhere, and only it does
+    del scale["cold_start_rl_lr"]
+    assert toy.lr_for("no-augment", jobs, scale) == 3e-5
+    args = argparse.Namespace(lr=0.0, lr_from="", reuse_base=False, scale_name="full")
+    todo = toy.rare_jobs(args, dict(toy.RARE_SCALES["full"]), "/nonexistent", "/w",
+                         ["no-augment", "gspo-n8"], [1], {"commit": "c", "dirty": False})  # fmt: skip
+    arms = sorted(j["name"] for j in todo if j["name"].startswith("arm-"))
+    assert arms == sorted([f"arm-gspo-n8-seed0-lr{lr:g}" for lr in toy.RARE_LR_GRID]
+                          + ["arm-no-augment-seed1-lr0.0001"])  # fmt: skip
 
 
 def test_stability_rows_keep_self_correction_arms_at_their_chosen_lr():
