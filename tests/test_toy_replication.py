@@ -1,4 +1,4 @@
-"""bench/toy_replication.py: the hard dot task, the oracles of both cold starts, the arms'
+"""bench/toy_replication.py (the package bench/toy/): the hard dot task, the oracles of both cold starts, the arms'
 configs, the disjoint splits, the statistics of the claims, the lr rule, the tables; and one
 smoke run of every stage of the rare regime (2 steps) that CI runs."""
 
@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import toy_replication as toy  # noqa: E402
+from toy import arms as toy_arms  # noqa: E402
+from toy import recipe as toy_recipe  # noqa: E402
 
 from coldstart import strong_messages  # noqa: E402
 from data import DOTS_VARIANTS, dots_image, synthetic_answer, synthetic_task  # noqa: E402
@@ -386,7 +388,7 @@ def test_compute_counters_add_generated_and_trained_tokens_to_each_step():
     import torch
 
     module = types.SimpleNamespace(generate=generate, make_group=make_group, rl_step=rl_step)
-    toy._count_compute(module)
+    toy_arms._count_compute(module)
     for step in (0, 1):  # the counters restart each step
         assert module.rl_step(None, step) == {
             "step": step, "gen_rollouts": 6, "gen_tokens": 3 * (3 + 4), "trained_samples": 6,
@@ -397,7 +399,7 @@ def test_stability_windows_are_the_first_and_last_ten_steps_of_each_stage():
     rows = [dict(stage="1", format=1.0 if k < 10 else 0.5, sc_format=0.0, truncated=0.0)
             for k in range(25)] + [dict(stage="2", format=0.8, sc_format=0.6,
                                         truncated=float(k >= 5)) for k in range(12)]  # fmt: skip
-    st = toy._stability(rows)
+    st = toy_arms._stability(rows)
     assert (st["stage1_first10_format"], st["stage1_last10_format"]) == (1.0, 0.5)
     assert (st["stage2_first10_truncated"], st["stage2_last10_truncated"]) == (0.5, 0.7)
     assert st["stage2_last10_sc_format"] == 0.6
@@ -646,7 +648,7 @@ def test_code_of_names_the_last_commit_that_changed_python(tmp_path, monkeypatch
     git("add", ".")
     git("commit", "-qm", "a job's result")
     results = git("rev-parse", "HEAD")
-    monkeypatch.setattr(toy, "ROOT", str(tmp_path))
+    monkeypatch.setattr(toy_recipe, "ROOT", str(tmp_path))  # git() runs there
     assert toy.code_of({results, "0" * 40}) == {"0" * 40: "unknown", results: code}
 
 
