@@ -219,9 +219,10 @@ def rare_main(args) -> None:
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     os.makedirs(os.path.join(out, "jobs"), exist_ok=True)
-    write_eval_sets(work, scale)
+    if not args.aggregate:
+        write_eval_sets(work, scale)
     t0, ran = time.time(), 0
-    while True:  # a second pass once the grid has chosen the learning rates
+    while not args.aggregate:  # a second pass once the grid has chosen the learning rates
         todo = rare_jobs(args, scale, out, work, arms, seeds, provenance)
         if args.max_jobs:
             todo = todo[: args.max_jobs - ran]
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="rare: an arm whose grid is not in --out takes the lr chosen here")  # fmt: skip
     ap.add_argument("--parallel", type=int, default=1, help="jobs at once (one core each)")
     ap.add_argument("--max_jobs", type=int, default=0, help="rare: stop after this many jobs")
+    ap.add_argument("--aggregate", action="store_true",
+                    help="rare: run no job, only rewrite --out's tables and report from its job files")  # fmt: skip
     ap.add_argument("--fresh", action="store_true", help="dense: rerun the arms even if cached")
     for hidden in ("--job", "--arm", "--scale", "--commit", "--job_file"):
         ap.add_argument(hidden, default="", help=argparse.SUPPRESS)

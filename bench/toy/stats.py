@@ -4,6 +4,7 @@ test, the arm x machine interaction)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from .recipe import (
     write_csv,
     write_json,
 )
-from .report import claims_plot, fmt_ci, rare_plots, seed_table
+from .report import claims_plot, rare_plots, report_md
 
 # --------------------------------------------------------------------------- the statistics
 
@@ -76,27 +77,173 @@ CLAIM_COLUMNS = ["claim", "a", "b", "metric", "paper", "mean_diff", "ci_low", "c
                  "seeds_a_gt_b", "n_seeds", "sd_diff", "detectable_diff", "verdict"]  # fmt: skip
 
 
-def claims_table(finals: dict[str, dict[int, dict]], seeds: list[int] | None = None) -> list[dict]:
+# A seed's |A - B| under TIE is no difference: 0.001 is four of the test set's 4,096 samples.
+TIE = 0.001
+# The per-generation-cost form of "splicing 8->16 >= 16 generated", beside the equal-step one.
+COST_CLAIM = "splicing 8->16 >= 16 generated, at equal generated tokens"
+# Every analysis added after results existed, and why (the claims, controls, lr grid and rule
+# were fixed in code, commit bd2abda, before any result of the rare regime): each report says so.
+POST_HOC = {
+    "Stage II: token mean vs sequence mean": "post hoc: a diagnostic arm added after results "
+    "existed, for the demo's Stage II drift (a93de42)",
+    COST_CLAIM: "post hoc: added after the equal-step comparison came out against Octopus "
+    "(549fef5); dev set, interpolated along no-splice-n16's curve",
+}
+MACHINE_SPLIT = "post hoc: the split by machine was chosen after the results (59ef1c0)"
+LR_RERUN = "no-augment rerun at the shared cold-start lr, decided after the results (issue 36)"
+# GSPO from the base policy learns nothing here: the base repeats one answer per image at T 1.0,
+# so every group has one reward and every advantage is 0 (n = 16 ends equal to n = 8 by
+# construction). A claim against it is no test of the paper's.
+DEGENERATE = ("gspo-n8", "gspo-n16")
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Exact two-sided sign-flip permutation p of a mean paired difference: under H0 (A and B
+    exchangeable within a seed) each seed's sign is a fair coin, so p is the share of the 2^n
+    sign patterns whose |sum| reaches the observed |sum|. No normality, so it fits a handful of
+    bimodal seeds; its floor is 2 / 2^n (4 seeds: 0.125)."""
+    n = len(diffs)
+    if not n:
+        return float("nan")
+    if n > 20:
+        raise ValueError(f"sign_flip_p enumerates 2^n patterns: n = {n} is too many")
+    observed = abs(sum(diffs)) - 1e-9
+    hits = sum(abs(sum(s * d for s, d in zip(signs, diffs, strict=True))) >= observed
+               for signs in itertools.product((1, -1), repeat=n))  # fmt: skip
+    return hits / 2**n
+
+
+def interaction(first: list[float], second: list[float]) -> dict:
+    """The arm x machine interaction of one claim: the mean paired difference on the second
+    machine's seeds minus the first's, Welch's t, and the exact two-sided permutation p over
+    every split of the pooled seeds into groups of these sizes (H0: the machine does not move
+    the difference). NaN below two seeds a machine."""
+    n1, n2 = len(first), len(second)
+    out = {"interaction": float("nan"), "interaction_t": float("nan"),
+           "interaction_p": float("nan")}  # fmt: skip
+    if n1 < 2 or n2 < 2:
+        return out
+    d = statistics.fmean(second) - statistics.fmean(first)
+    se2 = statistics.variance(first) / n1 + statistics.variance(second) / n2
+    t = d / math.sqrt(se2) if se2 > 0 else (0.0 if d == 0 else math.copysign(math.inf, d))
+    pooled, total = first + second, sum(first) + sum(second)
+    splits = list(itertools.combinations(range(n1 + n2), n1))
+    hits = 0
+    for idx in splits:
+        s1 = sum(pooled[i] for i in idx)
+        hits += abs((total - s1) / n2 - s1 / n1) >= abs(d) - 1e-9
+    return {"interaction": d, "interaction_t": t, "interaction_p": hits / len(splits)}
+
+
+def claim_stats(diffs: list[float]) -> dict:
+    """`paired_stats` and the sign-flip p, with each seed a win for A, for B, or a tie (TIE)."""
+    return {**paired_stats(diffs), "perm_p": sign_flip_p(diffs),
+            "n_ties": sum(abs(d) < TIE for d in diffs),
+            "wins_a": sum(d >= TIE for d in diffs), "wins_b": sum(d <= -TIE for d in diffs)}  # fmt: skip
+
+
+def verdict_of(st: dict) -> str:
+    """ "reproduced (A > B)" / "reversed (A < B)" only when the 95% t interval excludes 0 and
+    the exact sign-flip p is under 0.05, on the same side; else not resolved, saying why."""
+    n = st["n_seeds"]
+    if n < 2:
+        return "too few seeds"
+    if st["n_ties"] == n:
+        return "no difference (a tie on every seed)"
+    side = 1 if st["ci_low"] > 0 else -1 if st["ci_high"] < 0 else 0
+    if side and st["perm_p"] < 0.05:
+        return "reproduced (A > B)" if side > 0 else "reversed (A < B)"
+    if side:
+        floor = 2 / 2**n
+        why = f"t interval excludes 0, sign-flip p {st['perm_p']:.3f}" + (
+            f", its floor with {n} seeds {floor:.3f}" if floor >= 0.05 else ""
+        )
+    elif st["perm_p"] < 0.05:
+        why = "sign-flip p < 0.05, t interval spans 0"
+    else:
+        why = "interval spans 0"
+    return f"not resolved ({why})"
+
+
+def analysis_of(name: str, a: str, b: str, machine: str = "all") -> tuple[str, str]:
+    """(whether the analysis was fixed before the results, and what else a reader must know)."""
+    label = POST_HOC.get(name, "pre-registered (bd2abda)")
+    if machine != "all":
+        label = MACHINE_SPLIT if name not in POST_HOC else f"{label}; {MACHINE_SPLIT}"
+    caveats = []
+    if "no-augment" in (a, b):
+        caveats.append(LR_RERUN)
+    if {a, b} & set(DEGENERATE):
+        caveats.append("GSPO from the base policy is degenerate here (one reward per group, "
+                       "advantage 0): no test of the paper's claim")  # fmt: skip
+    return label, "; ".join(caveats)
+
+
+def claims_table(finals: dict[str, dict[int, dict]], seeds: list[int] | None = None,
+                 machines: dict[str, list[int]] | None = None,
+                 extra: list[tuple[str, str, str, str, str, dict[int, float]]] = ()) -> list[dict]:  # fmt: skip
     """One row per claim over the seeds both arms have (only those in `seeds` if given):
-    `finals[arm][seed]` holds the final test `acc1` / `acc2`. Verdict: "reproduced" only when
-    the 95% interval excludes zero on the claimed side."""
+    `finals[arm][seed]` holds the final test `acc1` / `acc2`; `extra` adds claims measured
+    elsewhere as (claim, a, b, metric, paper, {seed: A - B}). With `machines` (machine ->
+    its seeds), every claim's row carries each machine's mean and the arm x machine interaction,
+    and the rows of each machine alone follow. Verdict: `verdict_of`."""
+    base = [(name, a, b, f"test {ka} - {kb}", paper,
+             {s: finals[a][s][ka] - finals[b][s][kb]
+              for s in sorted(set(finals.get(a, {})) & set(finals.get(b, {})))})
+            for name, a, b, ka, kb, paper in CLAIMS]  # fmt: skip
+    scopes = [("all", seeds)] + [(m, ss) for m, ss in (machines or {}).items()]
     out = []
-    for name, a, b, ka, kb, paper in CLAIMS:
-        common = sorted(set(finals.get(a, {})) & set(finals.get(b, {})))
-        if seeds is not None:
-            common = [s for s in common if s in seeds]
-        diffs = [finals[a][s][ka] - finals[b][s][kb] for s in common]
-        st = paired_stats(diffs)
-        if st["n_seeds"] < 2:
-            verdict = "too few seeds"
-        elif st["ci_low"] > 0:
-            verdict = "reproduced (A > B)"
-        elif st["ci_high"] < 0:
-            verdict = "reversed (A < B)"
+    for machine, scope in scopes:
+        for name, a, b, metric, paper, by_seed in [*base, *extra]:
+            diffs = [d for s, d in by_seed.items() if scope is None or s in scope]
+            st = claim_stats(diffs)
+            label, caveat = analysis_of(name, a, b, machine)
+            row = {"claim": name, "a": a, "b": b, "metric": metric, "paper": paper, **st,
+                   "verdict": verdict_of(st), "machine": machine, "analysis": label,
+                   "caveat": caveat}  # fmt: skip
+            if machines and machine == "all":
+                groups = [[d for s, d in by_seed.items() if s in ss] for ss in machines.values()]
+                for m, g in zip(machines, groups, strict=True):
+                    row[f"mean_machine_{m}"] = statistics.fmean(g) if g else float("nan")
+                if len(groups) == 2:
+                    row.update(interaction(*groups))
+            out.append(row)
+    return out
+
+
+def claim_columns(machines: dict[str, list[int]]) -> list[str]:
+    """claims.csv's columns: the original ones, then the machine a row covers, the permutation
+    test, the ties, each machine's mean and the interaction, and how the analysis came about."""
+    return [*CLAIM_COLUMNS, "machine", "perm_p", "n_ties", "wins_a", "wins_b",
+            *[f"mean_machine_{m}" for m in machines],
+            *(["interaction", "interaction_t", "interaction_p"] if len(machines) == 2 else []),
+            "analysis", "caveat"]  # fmt: skip
+
+
+def seed_machines(jobs: dict[str, dict], machines: dict[str, dict]) -> dict[int, str]:
+    """Each seed's machine: the one whose `isa` matches the CPU its jobs recorded
+    (`cpu_kernels`), or, for jobs older than that record, machines.json's hand-written seed
+    list. A seed whose jobs name two machines, or a CPU machines.json does not know, stops the
+    aggregate: a seed's jobs must all come from one machine."""
+    if not machines:  # no machines.json: no split by machine
+        return {}
+    by_isa = {info["isa"]: m for m, info in machines.items() if "isa" in info}
+    by_hand = {s: m for m, info in machines.items() for s in info.get("seeds", [])}
+    out: dict[int, str] = {}
+    for name, j in sorted(jobs.items()):
+        if "machine" in j:
+            isa = j["machine"].rsplit(", ", 2)[-2] if j["machine"].count(", ") >= 2 else "?"
+            if isa not in by_isa:
+                raise SystemExit(f"jobs/{name}.json ran on {j['machine']!r}: no machine of "
+                                 f"machines.json has isa {isa!r}")  # fmt: skip
+            m = by_isa[isa]
+        elif j["seed"] in by_hand:
+            m = by_hand[j["seed"]]
         else:
-            verdict = "not resolved (interval spans 0)"
-        out.append({"claim": name, "a": a, "b": b, "metric": f"test {ka} - {kb}",
-                    "paper": paper, **st, "verdict": verdict})  # fmt: skip
+            continue
+        if out.setdefault(j["seed"], m) != m:
+            raise SystemExit(f"jobs/{name}.json ran on machine {m}, the other jobs of seed "
+                             f"{j['seed']} on machine {out[j['seed']]}: a seed is one machine's")  # fmt: skip
     return out
 
 
@@ -170,19 +317,19 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
                                 "wall_s": job["seconds"], "load_avg_start": job["load_avg_start"],
                                 "load_avg_end": job["load_avg_end"], "commit": job["commit"]})  # fmt: skip
     write_csv(rows, os.path.join(out, "runs.csv"), RUN_COLUMNS)
-    claims = claims_table(finals)
-    write_csv(claims, os.path.join(out, "claims.csv"), CLAIM_COLUMNS)
-    # machines.json (written by hand: jobs of 42a34ad do not record their CPU) names the machine
-    # each seed ran on; a seed's arms share it, so the pairs are within a machine, but whether a
-    # run takes off may depend on it: the claims again per machine, exploratory
+    # each seed's machine: recorded by its jobs, or for jobs older than that record written by
+    # hand in machines.json. A seed's arms share it, so every pair is within one machine, but
+    # whether a run takes off depends on it: every claim also per machine, with the interaction
     machines = {}
     if os.path.exists(os.path.join(out, "machines.json")):
         machines = json.load(open(os.path.join(out, "machines.json")))["machines"]
-    by_machine = [{"machine": m, **c} for m, info in machines.items()
-                  for c in claims_table(finals, info["seeds"])]  # fmt: skip
-    if by_machine:
-        path = os.path.join(out, "claims_by_machine.csv")
-        write_csv(by_machine, path, ["machine", *CLAIM_COLUMNS])
+    where = seed_machines(jobs, machines)
+    groups = {m: sorted(s for s in where if where[s] == m) for m in machines}
+    cost = cost_matched_by_seed(jobs, chosen, "octopus", "no-splice-n16")
+    extra = [(COST_CLAIM, "octopus", "no-splice-n16", "dev acc2 at equal generated tokens",
+              ">= 0", cost)]  # fmt: skip
+    claims = claims_table(finals, machines=groups, extra=extra)
+    write_csv(claims, os.path.join(out, "claims.csv"), claim_columns(groups))
     if compute:
         write_csv(compute, os.path.join(out, "compute.csv"), digits=None)
     stability = stability_rows(jobs, chosen)
@@ -193,55 +340,23 @@ def aggregate(out: str, arms: list[str], scale: dict, lr_args: tuple = ()) -> st
         if j["kind"] == "arm" and chosen.get(j["arm"]) == j["lr"]:
             series.setdefault(j["arm"], []).append(cost_curve(j))
     rare_plots(out, series)
-    claims_plot(out, claims)
+    pooled = [c for c in claims if c["machine"] == "all"]
+    claims_plot(out, pooled)
     code = code_of({j["commit"] for j in jobs.values() if j.get("commit")})
-    lines = [f"Jobs: {len(jobs)} from {len(code)} commit(s) whose Python code is that of "
-             f"{', '.join(sorted(set(code.values())))} (the last commit that changed a .py "
-             "file; the others add job files only).", ""]  # fmt: skip
-    lines += ["| seed | base acc T1 | base format T1 | cold o1+SC+o2 T1 | cold w->c | "
-             "SFT only - base | accepted |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for s in sorted(cold):
-        c = cold[s]["calibration"]
-        lines.append(f"| {s} | {c['base_acc_t1']:.3f} | {c['base_format_t1']:.3f} | "
-                     f"{c['cold_format_t1']:.3f} | {c['cold_wc_generated']:.4f} | "
-                     f"{c['sft_only_minus_base']:+.3f} | {'yes' if cold[s]['accepted'] else 'no: ' + '; '.join(cold[s]['regime_misses'])} |")  # fmt: skip
-    lines += ["", *seed_table(finals, arms, seeds)]
-    lines += ["", "| claim | A - B | paper | toy, rare regime: mean [95% CI], seeds A > B, "
-              "detectable | verdict |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
-    lines += [f"| {c['claim']} | {c['a']} - {c['b']} | {c['paper']} | {fmt_ci(c)} | "
-              f"{c['verdict']} |" for c in claims]  # fmt: skip
-    if by_machine:
-        names = list(machines)
-        lines += ["", "Per machine (exploratory): " + "; ".join(
-            f"{m}: {machines[m]['cpu']}, seeds {', '.join(map(str, machines[m]['seeds']))}" for m in names),
-            "", "| claim | " + " | ".join(f"machine {m}" for m in names) + " |",
-            "| --- |" + " --- |" * len(names)]  # fmt: skip
-        cell = {(c["machine"], c["claim"]): fmt_ci(c) for c in by_machine}
-        for name, *_ in CLAIMS:
-            lines.append(f"| {name} | " + " | ".join(cell[m, name] for m in names) + " |")
-    matched = cost_matched(jobs, chosen, "octopus", "no-splice-n16")
-    if matched["n_seeds"]:
-        lines += ["", "At equal generated tokens (dev acc@2, T 0.6; Octopus's last validation "
-                  "against no-splice-n16's at the same tokens): octopus - no-splice-n16 "
-                  f"{fmt_ci(matched)}"]  # fmt: skip
-    lines += ["", "| arm | seeds | generated tokens | trained tokens | median step s | wall s |",
-              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for arm in arms:
-        cs = [c for c in compute if c["arm"] == arm]
-        if cs:
-            lines.append(f"| {arm} | {len(cs)} | {statistics.fmean(c['gen_tokens'] for c in cs):,.0f} | "
-                         f"{statistics.fmean(c['trained_tokens'] for c in cs):,.0f} | "
-                         f"{statistics.fmean(c['median_step_s'] for c in cs):.2f} | "
-                         f"{statistics.fmean(c['wall_s'] for c in cs):.0f} |")  # fmt: skip
-    if stability:
-        lines += ["", "| arm | seed | stage | format first / last 10 (T 1.0) | "
-                  "o1+SC+o2 first / last 10 | truncated first / last 10 |",
-                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-        lines += [f"| {r['arm']} | {r['seed']} | {r['stage']} | {r['format_first10']:.3f} / "
-                  f"{r['format_last10']:.3f} | {r['sc_format_first10']:.3f} / "
-                  f"{r['sc_format_last10']:.3f} | {r['truncated_first10']:.3f} / "
-                  f"{r['truncated_last10']:.3f} |" for r in stability]  # fmt: skip
-    return "\n".join(lines)
+    return report_md(
+        code,
+        len(jobs),
+        cold,
+        finals,
+        arms,
+        seeds,
+        claims,
+        machines,
+        where,
+        chosen,
+        compute,
+        stability,
+    )
 
 
 def code_of(commits: set[str]) -> dict[str, str]:
@@ -295,19 +410,25 @@ def at_tokens(curve: list[dict], tokens: float) -> float | None:
     return None
 
 
-def cost_matched(jobs: dict[str, dict], chosen: dict[str, float], a: str, b: str) -> dict:
-    """A's last dev acc@2 minus B's at the same generated tokens, paired over the seeds both ran
-    at their chosen lr: the paper's claim per generation cost (Sec. 5), where the claims table
-    compares at equal steps (B may generate twice A's tokens)."""
+def cost_matched_by_seed(jobs: dict[str, dict], chosen: dict[str, float], a: str,
+                         b: str) -> dict[int, float]:  # fmt: skip
+    """Per seed both ran at their chosen lr: A's last dev acc@2 minus B's at the same generated
+    tokens, the paper's claim per generation cost (Sec. 5), where the claims table compares at
+    equal steps (B may generate twice A's tokens)."""
     curves = {}
     for j in jobs.values():
         if j["kind"] == "arm" and j["arm"] in (a, b) and chosen.get(j["arm"]) == j["lr"]:
             curves[j["arm"], j["seed"]] = cost_curve(j)
-    diffs = []
+    out = {}
     for seed in sorted({s for arm, s in curves if arm == a}):
         if (b, seed) in curves:
             mine = curves[a, seed][-1]
             theirs = at_tokens(curves[b, seed], mine["gen_tokens"])
             if theirs is not None:
-                diffs.append(mine["dev_acc2"] - theirs)
-    return paired_stats(diffs)
+                out[seed] = mine["dev_acc2"] - theirs
+    return out
+
+
+def cost_matched(jobs: dict[str, dict], chosen: dict[str, float], a: str, b: str) -> dict:
+    """`cost_matched_by_seed`'s differences, paired over seeds (`paired_stats`)."""
+    return paired_stats(list(cost_matched_by_seed(jobs, chosen, a, b).values()))
