@@ -97,6 +97,10 @@ def rare_plots(out: str, series: dict[str, list[list[dict]]]) -> list[str]:
     return [*written, "accuracy_vs_generated_tokens.png"]
 
 
+def _num(x: float, spec: str) -> str:
+    return "-" if math.isnan(x) else format(x, spec)
+
+
 def fmt_claim(c: dict) -> str:
     """A claim's row in a cell: mean [95% t interval], the sign-flip p, wins A / B / ties."""
     if c["n_seeds"] < 2:
@@ -141,14 +145,14 @@ def report_md(code: dict[str, str], n_jobs: int, cold: dict[int, dict],
               + " | interaction (t, p) | verdict | analysis |",
               "| --- | --- | --- | --- | --- |" + " --- |" * (len(names) + 3)]  # fmt: skip
     for c in pooled:
-        means = [f"{c.get(f'mean_machine_{m}', float('nan')):+.3f}" for m in names]
+        means = [_num(c.get(f"mean_machine_{m}", math.nan), "+.3f") for m in names]
         inter = "-"
         if not math.isnan(c.get("interaction", math.nan)):
             inter = (f"{c['interaction']:+.3f} ({c['interaction_t']:.1f}, "
                      f"{c['interaction_p']:.3f})")  # fmt: skip
         note = c["analysis"] + (f"; {c['caveat']}" if c["caveat"] else "")
         lines.append(f"| {c['claim']} | {c['a']} - {c['b']} | {c['paper']} | {fmt_claim(c)} | "
-                     f"{c['detectable_diff']:.3f} | " + " | ".join(means)
+                     f"{_num(c['detectable_diff'], '.3f')} | " + " | ".join(means)
                      + f" | {inter} | {c['verdict']} | {note} |")  # fmt: skip
     if names:
         lines += ["", "Per machine (post hoc: the split by machine was chosen after the results; "
