@@ -4,6 +4,7 @@ for real on the tiny Qwen3-VL, on a harder dot-counting task, from an honest col
     .venv/bin/python bench/toy_replication.py                  # rare regime: the experiment (resumes)
     .venv/bin/python bench/toy_replication.py --arms octopus --seeds 3 --out /tmp/re  # one job, from nothing
     .venv/bin/python bench/toy_replication.py --quick          # 1 seed, 4 arms, 30 steps: 12 min
+    .venv/bin/python bench/toy_replication.py --aggregate      # the tables again from the job files
     .venv/bin/python bench/toy_replication.py --smoke --out /tmp/toy   # every stage, 2 steps (CI)
     .venv/bin/python bench/toy_replication.py --regime dense --seeds 0,1,2   # the committed run
 
@@ -41,14 +42,16 @@ Arms (`ARMS`): each trains for the same number of RL steps with the same shared 
     gspo-n16-exposed  (rare) GSPO n = 16 from the base policy given as many more plain-answer SFT
                       steps as the cold start took, on its rows' final answers (its exposure)
     octopus-agg-token (rare, diagnostic, run when named) Octopus with Stage II's loss a mean over
-                      all tokens (`--agg token`), at the lr Octopus's grid chose
+                      all tokens (`--agg token`), at Octopus's lr
     sft-only          the cold start, evaluated (no RL)
 
-Rare regime: the learning rate of every arm is chosen by one rule from one grid (3e-5, 1e-4,
-3e-4) at seed 0 on the dev set (`choose_lr`); dev curves (256 dev prompts, T 0.6) every 10 steps;
+Rare regime: every arm that starts from the cold start runs at one learning rate
+(`COLD_START_RL_LR`, 1e-4), the others at the one a rule chose from a grid (3e-5, 1e-4, 3e-4)
+at seed 0 on the dev set (`choose_lr`); dev curves (256 dev prompts, T 0.6) every 10 steps;
 the fixed test set (1024 images, disjoint from every training and dev image by a split on the
 pixels' hash) sampled 4 times each at T 0.6 on each starting checkpoint and at the end of each
-run. Claims: paired differences over seeds with a 95% t-interval and the smallest difference
-the seeds can detect. Each job runs in its own process (one vLLM engine and process group),
-at most `--parallel` at once, one thread each.
+run. Claims: paired differences over seeds with a 95% t-interval, an exact sign-flip p, ties,
+and the smallest difference the seeds can detect, pooled and per machine with the arm x machine
+interaction (`--aggregate` rewrites them from the job files). Each job runs in its own process
+(one vLLM engine and process group), at most `--parallel` at once, one thread each.
 """
