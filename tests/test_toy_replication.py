@@ -542,7 +542,8 @@ def _metrics(acc1, acc2):
             "val_format": 1.0, "val_sc_format": 1.0, "val_corrects_itself": 1.0}  # fmt: skip
 
 
-def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
+def _job_files(tmp_path) -> None:
+    """Cold, start and arm (octopus, random-augment at 1e-4) jobs of seeds 0 and 1 in tmp_path."""
     jobs = tmp_path / "jobs"
     calib = dict(base_acc_t1=0.4, base_format_t1=0.97, cold_format_t1=0.93,
                  cold_wc_generated=0.01, sft_only_minus_base=0.01)  # fmt: skip
@@ -566,6 +567,10 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
                                           for st in "12" for end in ("first10", "last10")
                                           for key in ("format", "sc_format", "truncated")}},
                            str(jobs / (toy.job_name("arm", seed, arm, 1e-4) + ".json")))  # fmt: skip
+
+
+def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
+    _job_files(tmp_path)
     machines = {"a": {"cpu": "cpu A", "seeds": [0]}, "b": {"cpu": "cpu B", "seeds": [1]}}
     toy.write_json({"machines": machines}, str(tmp_path / "machines.json"))
     scale = dict(toy.RARE_SCALES["quick"])  # no grid: every arm at 1e-4
@@ -607,6 +612,28 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
     assert [(r["arm"], r["seed"], r["stage"]) for r in stab] == [
         (arm, str(seed), st) for arm in ("octopus", "random-augment") for seed in (0, 1) for st in "12"]  # fmt: skip
     assert "| octopus | 1 | 2 | 0.900 / 0.800 | 0.900 / 0.800 | 0.900 / 0.800 |" in md
+
+
+def test_aggregate_flag_rewrites_the_tables_and_runs_no_job(tmp_path, capsys):
+    _job_files(tmp_path)
+    out, work = str(tmp_path), str(tmp_path / "work")
+    argv = ["--arms", "octopus,random-augment,no-augment", "--seeds", "0,1", "--out", out,
+            "--work", work, "--quick"]  # fmt: skip
+    # without the flag the driver would run jobs: no-augment has none on either seed
+    args = argparse.Namespace(lr=0.0, lr_from="", reuse_base=False, scale_name="quick")
+    todo = toy.rare_jobs(args, dict(toy.RARE_SCALES["quick"]), out, work,
+                         ["octopus", "random-augment", "no-augment"], [0, 1],
+                         {"commit": "c", "dirty": False})  # fmt: skip
+    assert [j["name"] for j in todo if j["name"].startswith("arm-")] == [
+        "arm-no-augment-seed0-lr0.0001", "arm-no-augment-seed1-lr0.0001"]  # fmt: skip
+    toy.main([*argv, "--aggregate"])
+    printed = capsys.readouterr().out
+    assert "[regime] start" not in printed and "job(s) to run" not in printed
+    assert not os.path.exists(os.path.join(work, "data"))  # not even the eval sets were drawn
+    claims = list(csv.DictReader(open(tmp_path / "claims.csv")))
+    sel = next(c for c in claims if c["claim"] == "paper selection > random splicing")
+    assert (sel["n_seeds"], sel["mean_diff"]) == ("2", "0.1")
+    assert (tmp_path / "report.md").read_text().startswith("Jobs: 8 from 3 commit(s)")
 
 
 def test_compare_jobs_reports_checkpoints_and_test_accuracy_against_the_committed(tmp_path):
