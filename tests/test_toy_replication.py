@@ -1,4 +1,4 @@
-"""bench/toy_replication.py: the hard dot task, the oracles of both cold starts, the arms'
+"""bench/toy_replication.py (the package bench/toy/): the hard dot task, the oracles of both cold starts, the arms'
 configs, the disjoint splits, the statistics of the claims, the lr rule, the tables; and one
 smoke run of every stage of the rare regime (2 steps) that CI runs."""
 
@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import toy_replication as toy  # noqa: E402
+from toy import arms as toy_arms  # noqa: E402
+from toy import recipe as toy_recipe  # noqa: E402
 
 from coldstart import strong_messages  # noqa: E402
 from data import DOTS_VARIANTS, dots_image, synthetic_answer, synthetic_task  # noqa: E402
@@ -312,26 +314,103 @@ def test_paired_stats_by_hand():
     assert one["seeds_a_gt_b"] == 0 and math.isnan(one["ci_low"])
 
 
-def test_claims_say_reproduced_only_when_the_interval_excludes_zero():
+def test_claims_say_reproduced_only_when_the_t_interval_and_the_sign_flip_test_agree():
     def fin(acc2s, acc1s=None):
         return {s: {"acc2": a, "acc1": (acc1s or acc2s)[s]} for s, a in enumerate(acc2s)}
 
-    finals = {"octopus": fin([0.60, 0.62, 0.61, 0.63], [0.50, 0.52, 0.55, 0.50]),
-              "random-augment": fin([0.50, 0.51, 0.52, 0.50]),  # octopus +0.1, tight
-              "no-augment": fin([0.55, 0.48, 0.70, 0.52]),  # random - none spans 0
-              "gspo-n16": fin([0.70, 0.72, 0.71, 0.73])}  # fmt: skip
+    finals = {"octopus": fin([0.60, 0.62, 0.61, 0.63, 0.60, 0.62],
+                             [0.50, 0.52, 0.55, 0.50, 0.50, 0.52]),
+              "random-augment": fin([0.50, 0.51, 0.52, 0.50, 0.50, 0.51]),  # octopus +0.1, tight
+              "no-augment": fin([0.55, 0.48, 0.70, 0.52, 0.45, 0.56]),  # random - none spans 0
+              "gspo-n16": fin([0.70, 0.72, 0.71, 0.73, 0.70, 0.72]),
+              "gspo-n8": fin([0.70, 0.72, 0.7105, 0.73, 0.70, 0.72])}  # fmt: skip
     rows = {c["claim"]: c for c in toy.claims_table(finals)}
-    assert rows["paper selection > random splicing"]["verdict"] == "reproduced (A > B)"
-    assert rows["paper selection > random splicing"]["seeds_a_gt_b"] == 4
+    sel = rows["paper selection > random splicing"]
+    assert sel["verdict"] == "reproduced (A > B)" and sel["seeds_a_gt_b"] == 6
+    assert math.isclose(sel["perm_p"], 2 / 64)  # all six positive: 2 of the 64 sign patterns
     assert rows["random splicing > none"]["verdict"] == "not resolved (interval spans 0)"
     assert rows["Octopus > GSPO n=16"]["verdict"] == "reversed (A < B)"
-    assert math.isclose(rows["acc@2 > acc@1 (Octopus)"]["mean_diff"], 0.0975)
+    assert math.isclose(rows["acc@2 > acc@1 (Octopus)"]["mean_diff"], 0.59 / 6)
     assert rows["Stage I helps"]["verdict"] == "too few seeds"
+    # n = 16 - n = 8: 0, 0, -0.0005, 0, 0, 0: a tie on every seed (|A - B| < 0.001)
+    gspo = rows["GSPO n=16 > GSPO n=8"]
+    assert (gspo["n_ties"], gspo["wins_a"], gspo["wins_b"]) == (6, 0, 0)
+    assert gspo["verdict"] == "no difference (a tie on every seed)"
     assert [c["claim"] for c in toy.claims_table(finals)] == [c[0] for c in toy.CLAIMS]
     # restricted to seeds 0 and 2: acc@2 - acc@1 of octopus is 0.10 and 0.06
     sub = {c["claim"]: c for c in toy.claims_table(finals, seeds=[0, 2])}
     assert sub["acc@2 > acc@1 (Octopus)"]["n_seeds"] == 2
     assert math.isclose(sub["acc@2 > acc@1 (Octopus)"]["mean_diff"], 0.08)
+    # four seeds: the t interval excludes 0, but the sign-flip p cannot go below 2 / 16
+    four = {c["claim"]: c for c in toy.claims_table(finals, seeds=[0, 1, 2, 3])}
+    assert four["paper selection > random splicing"]["verdict"] == (
+        "not resolved (t interval excludes 0, sign-flip p 0.125, its floor with 4 seeds 0.125)"
+    )
+
+
+def test_claims_per_machine_and_their_interaction_in_one_table():
+    finals = {"octopus": {s: {"acc2": a, "acc1": a} for s, a in enumerate((0.5, 0.6, 0.8, 0.9))},
+              "no-augment": {s: {"acc2": 0.5, "acc1": 0.5} for s in range(4)}}  # fmt: skip
+    cost = ("c", "octopus", "x", "dev", ">= 0", {0: 0.01, 3: 0.02})
+    rows = toy.claims_table(finals, machines={"2": [0, 1], "3": [2, 3]}, extra=[cost])
+    names = [c[0] for c in toy.CLAIMS] + ["c"]
+    assert [(r["machine"], r["claim"]) for r in rows] == [(m, n) for m in ("all", "2", "3")
+                                                          for n in names]  # fmt: skip
+    pooled = next(r for r in rows if r["claim"] == "paper selection > none")
+    assert math.isclose(pooled["mean_machine_2"], 0.05)  # diffs 0, 0.1 | 0.3, 0.4
+    assert math.isclose(pooled["mean_machine_3"], 0.35)
+    assert math.isclose(pooled["interaction"], 0.3)
+    assert math.isclose(pooled["interaction_t"], 0.3 / math.sqrt(0.005))
+    assert math.isclose(pooled["interaction_p"], 2 / 6)  # 2 of the 6 splits reach |0.3|
+    assert pooled["n_ties"] == 1 and pooled["wins_a"] == 3  # seed 0: a difference of 0
+    assert pooled["caveat"].startswith("no-augment rerun at the shared cold-start lr")
+    m3 = next(r for r in rows if r["claim"] == "paper selection > none" and r["machine"] == "3")
+    assert (m3["n_seeds"], m3["analysis"]) == (2, toy.MACHINE_SPLIT)
+    extra = [r for r in rows if r["claim"] == "c"]
+    assert [(r["machine"], r["n_seeds"]) for r in extra] == [("all", 2), ("2", 1), ("3", 1)]
+    assert extra[0]["analysis"] == toy.POST_HOC.get("c", "pre-registered (bd2abda)")
+    gspo = next(r for r in rows if r["claim"] == "Octopus > GSPO n=16")
+    assert "degenerate" in gspo["caveat"]
+    assert toy.analysis_of(toy.COST_CLAIM, "octopus", "no-splice-n16")[0].startswith("post hoc")
+
+
+def test_sign_flip_p_by_hand():
+    # [1, 2, 3]: the 8 sign patterns sum to 6, 4, 2, 0, 0, -2, -4, -6; |sum| >= 6 twice
+    assert toy.sign_flip_p([1.0, 2.0, 3.0]) == 0.25
+    # [3, 1, -1]: sum 3; |sum| >= 3 for 5, 3, 3, -3, -3, -5
+    assert toy.sign_flip_p([3.0, 1.0, -1.0]) == 0.75
+    assert toy.sign_flip_p([3.0, -1.0, 1.0]) == toy.sign_flip_p([-3.0, 1.0, -1.0])
+    assert toy.sign_flip_p([0.1, -0.1]) == 1.0 and math.isnan(toy.sign_flip_p([]))
+    assert toy.sign_flip_p([0.1] * 8) == 2 / 256
+
+
+def test_interaction_by_hand():
+    out = toy.interaction([0.0, 0.1], [0.3, 0.4])
+    assert math.isclose(out["interaction"], 0.3)
+    assert math.isclose(out["interaction_t"], 0.3 / math.sqrt(0.005 / 2 + 0.005 / 2))
+    # the 6 ways to pick 2 of [0, 0.1, 0.3, 0.4] as the first machine: differences 0.3, 0.1,
+    # 0, 0, -0.1, -0.3
+    assert math.isclose(out["interaction_p"], 2 / 6)
+    assert math.isnan(toy.interaction([0.1], [0.2, 0.3])["interaction_p"])
+    assert toy.interaction([0.1, 0.1], [0.2, 0.2])["interaction_t"] == math.inf
+
+
+def test_seed_machines_reads_the_recorded_cpu_and_falls_back_to_the_hand_written_list():
+    machines = {"2": {"isa": "avx512+amx", "seeds": [0, 1]}, "3": {"isa": "avx512", "seeds": [4]}}
+    intel, amd = "Intel(R) Xeon(R) Processor, avx512+amx, 2 cores", "AMD EPYC, avx512, 2 cores"
+    jobs = {"cold-seed0": {"seed": 0}, "arm-x-seed0": {"seed": 0, "machine": intel},
+            "cold-seed4": {"seed": 4}, "cold-seed5": {"seed": 5, "machine": amd},
+            "cold-seed9": {"seed": 9}}  # fmt: skip
+    assert toy.seed_machines(jobs, machines) == {0: "2", 4: "3", 5: "3"}  # seed 9: unknown
+    assert toy.seed_machines(jobs, {}) == {}
+    jobs["arm-y-seed1"] = {"seed": 1, "machine": amd}  # hand: machine 2; recorded: machine 3
+    jobs["cold-seed1"] = {"seed": 1}
+    # jobs in name order: arm-y-seed1 (recorded: 3) first, then cold-seed1 (by hand: 2)
+    with pytest.raises(SystemExit, match="cold-seed1.json ran on machine 2, the other jobs of "
+                       "seed 1 on machine 3"):  # fmt: skip
+        toy.seed_machines(jobs, machines)
+    with pytest.raises(SystemExit, match="no machine of machines.json has isa 'avx2'"):
+        toy.seed_machines({"j": {"seed": 0, "machine": "Old CPU, avx2, 4 cores"}}, machines)
 
 
 def test_lr_rule_is_the_same_for_every_arm():
@@ -348,6 +427,7 @@ def test_lr_rule_is_the_same_for_every_arm():
 
 def test_the_aggregation_diagnostic_is_octopus_with_a_token_mean_in_stage_2_at_its_lr():
     scale = dict(toy.RARE_SCALES["full"])
+    del scale["cold_start_rl_lr"]  # the grid's path: the diagnostic waits for Octopus's grid
     token = toy.rare_arm_configs("octopus-agg-token", 3, scale, "/w", 1e-4)
     octopus = toy.rare_arm_configs("octopus", 3, scale, "/w", 1e-4)
     assert [_diff(c, o) for c, o in zip(token, octopus, strict=True)] == [set(), {"agg"}]
@@ -385,7 +465,7 @@ def test_compute_counters_add_generated_and_trained_tokens_to_each_step():
     import torch
 
     module = types.SimpleNamespace(generate=generate, make_group=make_group, rl_step=rl_step)
-    toy._count_compute(module)
+    toy_arms._count_compute(module)
     for step in (0, 1):  # the counters restart each step
         assert module.rl_step(None, step) == {
             "step": step, "gen_rollouts": 6, "gen_tokens": 3 * (3 + 4), "trained_samples": 6,
@@ -396,7 +476,7 @@ def test_stability_windows_are_the_first_and_last_ten_steps_of_each_stage():
     rows = [dict(stage="1", format=1.0 if k < 10 else 0.5, sc_format=0.0, truncated=0.0)
             for k in range(25)] + [dict(stage="2", format=0.8, sc_format=0.6,
                                         truncated=float(k >= 5)) for k in range(12)]  # fmt: skip
-    st = toy._stability(rows)
+    st = toy_arms._stability(rows)
     assert (st["stage1_first10_format"], st["stage1_last10_format"]) == (1.0, 0.5)
     assert (st["stage2_first10_truncated"], st["stage2_last10_truncated"]) == (0.5, 0.7)
     assert st["stage2_last10_sc_format"] == 0.6
@@ -451,7 +531,7 @@ def test_smoke_runs_every_stage_and_resumes_from_its_job_files(tmp_path):
     grid = json.loads((out / "lr_grid.json").read_text())
     assert grid["arms"]["octopus"]["chosen"] == 1e-4 and "sft-only" not in grid["arms"]
     claims = list(csv.DictReader(open(out / "claims.csv")))
-    assert [c["claim"] for c in claims] == [c[0] for c in toy.CLAIMS]
+    assert [c["claim"] for c in claims] == [c[0] for c in toy.CLAIMS] + [toy.COST_CLAIM]
     # resumed: every job's file is there, so nothing runs again
     again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "[regime] start" not in again.stdout, again.stdout[-2000:]
@@ -462,7 +542,8 @@ def _metrics(acc1, acc2):
             "val_format": 1.0, "val_sc_format": 1.0, "val_corrects_itself": 1.0}  # fmt: skip
 
 
-def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
+def _job_files(tmp_path) -> None:
+    """Cold, start and arm (octopus, random-augment at 1e-4) jobs of seeds 0 and 1 in tmp_path."""
     jobs = tmp_path / "jobs"
     calib = dict(base_acc_t1=0.4, base_format_t1=0.97, cold_format_t1=0.93,
                  cold_wc_generated=0.01, sft_only_minus_base=0.01)  # fmt: skip
@@ -486,7 +567,11 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
                                           for st in "12" for end in ("first10", "last10")
                                           for key in ("format", "sc_format", "truncated")}},
                            str(jobs / (toy.job_name("arm", seed, arm, 1e-4) + ".json")))  # fmt: skip
-    machines = {"a": {"cpu": "cpu A", "seeds": [0]}, "b": {"cpu": "cpu B", "seeds": [0, 1]}}
+
+
+def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
+    _job_files(tmp_path)
+    machines = {"a": {"cpu": "cpu A", "seeds": [0]}, "b": {"cpu": "cpu B", "seeds": [1]}}
     toy.write_json({"machines": machines}, str(tmp_path / "machines.json"))
     scale = dict(toy.RARE_SCALES["quick"])  # no grid: every arm at 1e-4
     md = toy.aggregate(str(tmp_path), ["octopus", "random-augment", "sft-only"], scale)
@@ -496,14 +581,20 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
     assert octo0 == [("0", "dev", "0.4", "c1"), ("0", "test", "0.41", "c1"),
                      ("2", "dev", "0.5", "c2"), ("4", "dev", "0.6", "c2"),
                      ("4", "test", "0.6", "c2")]  # fmt: skip
-    claims = {c["claim"]: c for c in csv.DictReader(open(tmp_path / "claims.csv"))}
+    claims = {c["claim"]: c for c in csv.DictReader(open(tmp_path / "claims.csv"))
+              if c["machine"] == "all"}  # fmt: skip
     sel = claims["paper selection > random splicing"]
     assert (float(sel["mean_diff"]), sel["seeds_a_gt_b"], sel["n_seeds"]) == (0.1, "2", "2")
+    assert (sel["machine"], sel["perm_p"], sel["mean_machine_a"]) == ("all", "0.5", "0.1")
     by_machine = [(c["machine"], c["n_seeds"], c["mean_diff"]) for c in
-                  csv.DictReader(open(tmp_path / "claims_by_machine.csv"))
+                  csv.DictReader(open(tmp_path / "claims.csv"))
                   if c["claim"] == "paper selection > random splicing"]  # fmt: skip
-    assert by_machine == [("a", "1", "0.1"), ("b", "2", "0.1")]
-    assert "| paper selection > random splicing | +0.100 (n = 1) | +0.100 [" in md
+    assert by_machine == [("all", "2", "0.1"), ("a", "1", "0.1"), ("b", "1", "0.1")]
+    assert claims[toy.COST_CLAIM]["verdict"] == "too few seeds"  # no no-splice-n16 job
+    assert (
+        "| paper selection > random splicing | +0.100 (n = 1): too few seeds | +0.100 (n = 1)" in md
+    )
+    assert "| machine | a | b |" in md
     rl = claims["RL > the cold start"]  # octopus 0.6 / 0.7 against the cold start 0.41 / 0.42
     assert math.isclose(float(rl["mean_diff"]), 0.235, abs_tol=1e-4)
     cal = json.loads((tmp_path / "calibration.json").read_text())
@@ -521,6 +612,28 @@ def test_aggregate_writes_runs_claims_and_calibration_from_job_files(tmp_path):
     assert [(r["arm"], r["seed"], r["stage"]) for r in stab] == [
         (arm, str(seed), st) for arm in ("octopus", "random-augment") for seed in (0, 1) for st in "12"]  # fmt: skip
     assert "| octopus | 1 | 2 | 0.900 / 0.800 | 0.900 / 0.800 | 0.900 / 0.800 |" in md
+
+
+def test_aggregate_flag_rewrites_the_tables_and_runs_no_job(tmp_path, capsys):
+    _job_files(tmp_path)
+    out, work = str(tmp_path), str(tmp_path / "work")
+    argv = ["--arms", "octopus,random-augment,no-augment", "--seeds", "0,1", "--out", out,
+            "--work", work, "--quick"]  # fmt: skip
+    # without the flag the driver would run jobs: no-augment has none on either seed
+    args = argparse.Namespace(lr=0.0, lr_from="", reuse_base=False, scale_name="quick")
+    todo = toy.rare_jobs(args, dict(toy.RARE_SCALES["quick"]), out, work,
+                         ["octopus", "random-augment", "no-augment"], [0, 1],
+                         {"commit": "c", "dirty": False})  # fmt: skip
+    assert [j["name"] for j in todo if j["name"].startswith("arm-")] == [
+        "arm-no-augment-seed0-lr0.0001", "arm-no-augment-seed1-lr0.0001"]  # fmt: skip
+    toy.main([*argv, "--aggregate"])
+    printed = capsys.readouterr().out
+    assert "[regime] start" not in printed and "job(s) to run" not in printed
+    assert not os.path.exists(os.path.join(work, "data"))  # not even the eval sets were drawn
+    claims = list(csv.DictReader(open(tmp_path / "claims.csv")))
+    sel = next(c for c in claims if c["claim"] == "paper selection > random splicing")
+    assert (sel["n_seeds"], sel["mean_diff"]) == ("2", "0.1")
+    assert (tmp_path / "report.md").read_text().startswith("Jobs: 8 from 3 commit(s)")
 
 
 def test_compare_jobs_reports_checkpoints_and_test_accuracy_against_the_committed(tmp_path):
@@ -595,6 +708,25 @@ def test_cpu_kernels_names_the_widest_isa(tmp_path, flags, isa):
     assert toy.cpu_kernels(str(tmp_path / "absent")).startswith("unknown CPU, other, ")
 
 
+def test_every_cold_start_arm_runs_at_the_one_shared_lr_and_no_grid_is_planned_for_them():
+    scale = dict(toy.RARE_SCALES["full"])
+    assert scale["cold_start_rl_lr"] == 1e-4
+    jobs = {toy.job_name("arm", 0, "no-augment", lr): {"curve": [{"val_acc_final": v}]}
+            for lr, v in ((3e-5, 0.9), (1e-4, 0.1), (3e-4, 0.1))}  # fmt: skip
+    cold = [a for a in toy.ARMS if toy.ARMS[a][0] == "cold" and toy.ARMS[a][1]]
+    assert {a: toy.lr_for(a, jobs, scale) for a in cold} == dict.fromkeys(cold, 1e-4)
+    assert toy.lr_for("no-augment", jobs, scale, lr=3e-4) == 3e-4  # --lr still wins
+    # the grid still chooses for the arms that start elsewhere, and only it does
+    del scale["cold_start_rl_lr"]
+    assert toy.lr_for("no-augment", jobs, scale) == 3e-5
+    args = argparse.Namespace(lr=0.0, lr_from="", reuse_base=False, scale_name="full")
+    todo = toy.rare_jobs(args, dict(toy.RARE_SCALES["full"]), "/nonexistent", "/w",
+                         ["no-augment", "gspo-n8"], [1], {"commit": "c", "dirty": False})  # fmt: skip
+    arms = sorted(j["name"] for j in todo if j["name"].startswith("arm-"))
+    assert arms == sorted([f"arm-gspo-n8-seed0-lr{lr:g}" for lr in toy.RARE_LR_GRID]
+                          + ["arm-no-augment-seed1-lr0.0001"])  # fmt: skip
+
+
 def test_stability_rows_keep_self_correction_arms_at_their_chosen_lr():
     st = {f"stage{s}_{e}_{k}": v for s, v in (("1", 0.5), ("2", 0.25))
           for e in ("first10", "last10") for k in ("format", "sc_format", "truncated")}  # fmt: skip
@@ -626,7 +758,7 @@ def test_code_of_names_the_last_commit_that_changed_python(tmp_path, monkeypatch
     git("add", ".")
     git("commit", "-qm", "a job's result")
     results = git("rev-parse", "HEAD")
-    monkeypatch.setattr(toy, "ROOT", str(tmp_path))
+    monkeypatch.setattr(toy_recipe, "ROOT", str(tmp_path))  # git() runs there
     assert toy.code_of({results, "0" * 40}) == {"0" * 40: "unknown", results: code}
 
 
