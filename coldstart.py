@@ -295,7 +295,10 @@ class Engines:
             self.live, self.key = VLLMEngine(model, **kw), key
         return self.live
 
-    def close(self) -> None:
+    def close(self, rejoin: bool = True) -> None:
+        """Close the live engine; under torchrun the ranks then `rejoin` a default group (the
+        next engine and the gathers need one), except after the last engine: a rank that
+        leaves first would leave the others waiting in the rendezvous."""
         if self.live is not None:
             import torch.distributed as dist
 
@@ -304,7 +307,7 @@ class Engines:
             self.live.close()
             self.live = self.key = None
             free_cache()
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            if rejoin and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
                 # vLLM's teardown destroyed the default group it shared; the next engine joins
                 # an existing one (else it starts a group of its own TP size, 1) and the
                 # gathers need one
@@ -688,7 +691,7 @@ def main(argv: list[str] | None = None, grade: Grade | None = None) -> dict:
             log(f"only {summary['kept_all_correct']} all-correct and {summary['kept_mixed']} "
                 f"mixed inputs in {summary['inputs_sampled']} sampled: fewer than --inputs "
                 f"{args.inputs} (more rows, or a judge, would fill it)")  # fmt: skip
-    engines.close()
+    engines.close(rejoin=False)
     if own_group and dist.is_initialized():
         dist.destroy_process_group()
     return summary
