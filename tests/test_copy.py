@@ -54,7 +54,8 @@ def vendor(modules: list[str], into) -> int:
 
 
 def run_outside(code: str, cwd) -> subprocess.CompletedProcess:
-    """`code` in a fresh interpreter in `cwd`, this repository nowhere on its path."""
+    """`code` in a fresh interpreter in `cwd`, without our PYTHONPATH: the vendored copies are
+    reached by their relative imports, and `__file__` says which copy ran."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
